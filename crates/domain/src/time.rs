@@ -1,0 +1,263 @@
+//! The source's wall-clock times.
+//!
+//! The source writes `yyyy-MM-dd HH:mm:ss` with no offset. We keep the raw
+//! string exactly as sent (it is part of the idempotency key and what auditors
+//! compare) and an absolute instant computed in the configured source time
+//! zone.
+//!
+//! A wall time can be missing from a zone (the gap when clocks jump forward)
+//! or occur twice (when clocks fall back). One rule covers both, and it is the
+//! one `java.time.ZonedDateTime` uses, so a platform written in Java and this
+//! tracker agree:
+//! - **gap**: the wall time is read with the offset in force *before* the gap,
+//!   which moves it forward by the gap's length (`00:30` in a gap from `00:00`
+//!   to `01:00` becomes `01:30` local);
+//! - **overlap**: the earlier of the two instants (the offset in force before
+//!   the transition).
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, LocalResult, NaiveDateTime, Offset, TimeDelta, TimeZone, Utc};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+
+/// Why a time or a time zone was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimeError {
+    #[error("must be a date and time formatted yyyy-MM-dd HH:mm:ss, got {0:?}")]
+    Format(String),
+    #[error("is not a real date and time: {0:?}")]
+    Impossible(String),
+    #[error("is not an IANA time zone name: {0:?}")]
+    UnknownZone(String),
+}
+
+/// The zone the source's offset-less times are read in (an IANA name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceTimeZone(Tz);
+
+impl SourceTimeZone {
+    pub const DEFAULT_NAME: &'static str = "America/Sao_Paulo";
+
+    pub fn parse(name: &str) -> Result<Self, TimeError> {
+        Tz::from_str(name)
+            .map(Self)
+            .map_err(|_| TimeError::UnknownZone(name.to_owned()))
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    pub fn tz(&self) -> Tz {
+        self.0
+    }
+
+    /// The absolute instant of a wall time in this zone, by the module's rule.
+    pub fn resolve(&self, local: NaiveDateTime) -> DateTime<Utc> {
+        match self.0.from_local_datetime(&local) {
+            LocalResult::Single(t) => t.with_timezone(&Utc),
+            LocalResult::Ambiguous(earlier, _) => earlier.with_timezone(&Utc),
+            LocalResult::None => {
+                // In a gap: take the offset in force shortly before it. Gaps
+                // last hours at most, so looking back up to two days always
+                // lands on a wall time that exists.
+                for hours_back in 1..=48 {
+                    let before = local - TimeDelta::hours(hours_back);
+                    if let Some(t) = self.0.from_local_datetime(&before).earliest() {
+                        let offset = t.offset().fix();
+                        return (local - offset).and_utc();
+                    }
+                }
+                // No zone has a two-day gap; reading it as UTC keeps this total.
+                local.and_utc()
+            }
+        }
+    }
+}
+
+impl Default for SourceTimeZone {
+    fn default() -> Self {
+        Self(Tz::America__Sao_Paulo)
+    }
+}
+
+impl fmt::Display for SourceTimeZone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A time as the source wrote it, and the instant it denotes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RecordedTime")]
+pub struct SourceTime {
+    raw: String,
+    utc: DateTime<Utc>,
+}
+
+impl SourceTime {
+    /// Parses `yyyy-MM-dd HH:mm:ss` exactly (no other shape, no leap second)
+    /// and resolves it in `zone`.
+    pub fn parse(raw: &str, zone: &SourceTimeZone) -> Result<Self, TimeError> {
+        let local = parse_wall_time(raw)?;
+        Ok(Self {
+            raw: raw.to_owned(),
+            utc: zone.resolve(local),
+        })
+    }
+
+    /// Rebuilds a time from what was recorded: the raw string must still be
+    /// well formed; the instant is taken as recorded (the zone in force when
+    /// it was received decided it).
+    pub fn from_recorded(raw: &str, utc: DateTime<Utc>) -> Result<Self, TimeError> {
+        parse_wall_time(raw)?;
+        Ok(Self {
+            raw: raw.to_owned(),
+            utc,
+        })
+    }
+
+    pub fn raw(&self) -> &str {
+        &self.raw
+    }
+
+    pub fn utc(&self) -> DateTime<Utc> {
+        self.utc
+    }
+}
+
+/// The serialized form, checked on the way back in.
+#[derive(Deserialize)]
+struct RecordedTime {
+    raw: String,
+    utc: DateTime<Utc>,
+}
+
+impl TryFrom<RecordedTime> for SourceTime {
+    type Error = TimeError;
+    fn try_from(r: RecordedTime) -> Result<Self, TimeError> {
+        Self::from_recorded(&r.raw, r.utc)
+    }
+}
+
+fn parse_wall_time(raw: &str) -> Result<NaiveDateTime, TimeError> {
+    // chrono's parser is lenient about widths and signs; the source's format
+    // is fixed, so check the shape first and let chrono judge the calendar.
+    let shape_ok = raw.len() == 19
+        && raw.bytes().enumerate().all(|(i, b)| match i {
+            4 | 7 => b == b'-',
+            10 => b == b' ',
+            13 | 16 => b == b':',
+            _ => b.is_ascii_digit(),
+        });
+    if !shape_ok {
+        return Err(TimeError::Format(raw.to_owned()));
+    }
+    if &raw[17..19] > "59" {
+        // chrono would accept second 60 as a leap second; the source never
+        // means one.
+        return Err(TimeError::Impossible(raw.to_owned()));
+    }
+    NaiveDateTime::parse_from_str(raw, "%Y-%m-%d %H:%M:%S")
+        .map_err(|_| TimeError::Impossible(raw.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sp() -> SourceTimeZone {
+        SourceTimeZone::default()
+    }
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn documented_example_in_sao_paulo() {
+        let t = SourceTime::parse("2022-03-10 18:56:47", &sp()).unwrap();
+        assert_eq!(t.raw(), "2022-03-10 18:56:47");
+        assert_eq!(t.utc(), utc("2022-03-10T21:56:47Z"));
+    }
+
+    #[test]
+    fn zone_is_configurable() {
+        let lisbon = SourceTimeZone::parse("Europe/Lisbon").unwrap();
+        let t = SourceTime::parse("2022-07-01 12:00:00", &lisbon).unwrap();
+        assert_eq!(t.utc(), utc("2022-07-01T11:00:00Z"));
+        assert_eq!(
+            SourceTimeZone::parse("Mars/Olympus"),
+            Err(TimeError::UnknownZone("Mars/Olympus".into()))
+        );
+    }
+
+    #[test]
+    fn refuses_other_shapes() {
+        for raw in [
+            "2022-03-10T18:56:47",
+            "2022-03-10 18:56",
+            "10/03/2022 18:56:47",
+            " 2022-03-10 18:56:47",
+            "2022-3-10 18:56:47",
+            "+2022-03-10 18:56:4",
+            "2022-03-10 18:56:47Z",
+            "",
+        ] {
+            assert_eq!(
+                SourceTime::parse(raw, &sp()),
+                Err(TimeError::Format(raw.into())),
+                "{raw:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_impossible_dates() {
+        for raw in [
+            "2022-02-30 10:00:00",
+            "2023-02-29 10:00:00",
+            "2022-13-01 10:00:00",
+            "2022-03-10 25:00:00",
+            "2022-03-10 24:00:00",
+            "2022-03-10 18:60:00",
+            "2022-03-10 18:56:60",
+            "2022-00-10 18:56:47",
+        ] {
+            assert_eq!(
+                SourceTime::parse(raw, &sp()),
+                Err(TimeError::Impossible(raw.into())),
+                "{raw:?}"
+            );
+        }
+        assert!(SourceTime::parse("2024-02-29 10:00:00", &sp()).is_ok());
+    }
+
+    #[test]
+    fn dst_gap_moves_forward_by_the_gap() {
+        // São Paulo sprang forward at 2018-11-04 00:00 -03:00 to 01:00 -02:00.
+        let t = SourceTime::parse("2018-11-04 00:30:00", &sp()).unwrap();
+        assert_eq!(t.utc(), utc("2018-11-04T03:30:00Z"));
+        // New York: 2024-03-10 02:00 EST -> 03:00 EDT.
+        let ny = SourceTimeZone::parse("America/New_York").unwrap();
+        let t = SourceTime::parse("2024-03-10 02:30:00", &ny).unwrap();
+        assert_eq!(t.utc(), utc("2024-03-10T07:30:00Z"));
+    }
+
+    #[test]
+    fn dst_overlap_takes_the_earlier_instant() {
+        // São Paulo fell back at 2019-02-17 00:00 -02:00 to 2019-02-16 23:00 -03:00.
+        let t = SourceTime::parse("2019-02-16 23:30:00", &sp()).unwrap();
+        assert_eq!(t.utc(), utc("2019-02-17T01:30:00Z"));
+    }
+
+    #[test]
+    fn recorded_time_keeps_its_instant() {
+        let t =
+            SourceTime::from_recorded("2022-03-10 18:56:47", utc("2022-03-10T18:56:47Z")).unwrap();
+        assert_eq!(t.utc(), utc("2022-03-10T18:56:47Z"));
+        assert!(SourceTime::from_recorded("junk", Utc::now()).is_err());
+    }
+}
