@@ -1,0 +1,560 @@
+//! The delivery log: every webhook call, accepted or rejected, with what was
+//! answered and why. Kept in its own SQLite file, apart from the event log,
+//! for operators who audit and troubleshoot deliveries.
+//!
+//! It is a troubleshooting aid, not the record of truth: it runs with
+//! `synchronous=NORMAL` and records are written behind the caller's back by
+//! a writer thread that batches them. [`DeliveryLog::record`] waits only
+//! when the queue is full (backpressure, never a silent drop);
+//! [`DeliveryLog::flush`] waits until everything recorded before it is
+//! committed and reports any record that could not be written.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, Row, TransactionBehavior, params};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::sql::{self, Durability, ReadPool};
+use crate::{Position, StoreError};
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE deliveries (
+    id             INTEGER PRIMARY KEY,
+    received_at    TEXT    NOT NULL,
+    request_id     TEXT    NOT NULL,
+    source_id      TEXT,
+    remote_addr    TEXT,
+    status         INTEGER NOT NULL,
+    reason         TEXT,
+    message        TEXT,
+    event_id       BLOB,
+    position       INTEGER,
+    body           BLOB    NOT NULL,
+    body_truncated INTEGER NOT NULL
+);
+CREATE INDEX deliveries_by_time ON deliveries (received_at);
+CREATE INDEX deliveries_by_request ON deliveries (request_id);
+"#];
+
+/// Requests (records and flushes) written per transaction.
+const MAX_BATCH: usize = 512;
+/// Records that may wait for the writer before `record` waits.
+const QUEUE_CAPACITY: usize = 4096;
+/// `list` without a limit returns at most this many records.
+pub const DEFAULT_LIST_LIMIT: usize = 100;
+
+/// One webhook call as it was received and answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    pub received_at: DateTime<Utc>,
+    pub request_id: String,
+    /// The configured source it came through, when it could be told.
+    pub source_id: Option<String>,
+    pub remote_addr: Option<String>,
+    /// The HTTP status answered.
+    pub status: u16,
+    /// The error code, or `"accepted"` / `"duplicate"`.
+    pub reason: Option<String>,
+    pub message: Option<String>,
+    /// The event the delivery produced or matched, if any.
+    pub event_id: Option<Uuid>,
+    pub position: Option<Position>,
+    /// The request body, already cut by the caller to the body limit.
+    pub body: Vec<u8>,
+    /// True when `body` is a prefix of what was sent.
+    pub body_truncated: bool,
+}
+
+/// A record as read back, with the row id the log gave it (increasing in
+/// the order records were written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedDelivery {
+    pub id: i64,
+    pub record: DeliveryRecord,
+}
+
+/// Which records [`DeliveryLog::list`] returns. All conditions must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryFilter {
+    pub status: Option<u16>,
+    pub source_id: Option<String>,
+    /// Received at or after this instant.
+    pub since: Option<DateTime<Utc>>,
+    /// At most this many, [`DEFAULT_LIST_LIMIT`] when `None`.
+    pub limit: Option<usize>,
+}
+
+/// Handle to the delivery log. Cheap to clone; the writer thread stops when
+/// [`close`](Self::close) is called or the last clone is dropped, after
+/// writing what is queued.
+#[derive(Clone)]
+pub struct DeliveryLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    requests: Mutex<Option<mpsc::Sender<Request>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    stopped_cleanly: Arc<AtomicBool>,
+    readers: Arc<ReadPool>,
+}
+
+enum Request {
+    Record(Box<DeliveryRecord>),
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+}
+
+impl DeliveryLog {
+    /// Opens (creating file and parent directory if needed) the delivery log
+    /// at `path` and starts its writer thread.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let conn = sql::open_writer(&path, Durability::Normal, sql::BUSY_TIMEOUT, MIGRATIONS)?;
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let stopped_cleanly = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            conn,
+            failed: None,
+            stopped_cleanly: Arc::clone(&stopped_cleanly),
+        };
+        let handle = std::thread::Builder::new()
+            .name("delivery-log-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|err| StoreError::Storage(format!("cannot start writer thread: {err}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                readers: Arc::new(ReadPool::new(path.clone(), 2)),
+                path,
+                requests: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(handle)),
+                stopped_cleanly,
+            }),
+        })
+    }
+
+    /// Queues `record` for writing. Waits only while the queue is full.
+    pub async fn record(&self, record: DeliveryRecord) -> Result<(), StoreError> {
+        self.send(Request::Record(Box::new(record))).await
+    }
+
+    /// Resolves once every record queued before this call is committed.
+    /// Errs if any record since the previous flush could not be written.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (reply, done) = oneshot::channel();
+        self.send(Request::Flush(reply)).await?;
+        done.await.map_err(|_| self.inner.writer_gone())?
+    }
+
+    /// Records matching `filter`, newest first (by `received_at`, then by
+    /// the order they were written).
+    pub async fn list(&self, filter: DeliveryFilter) -> Result<Vec<LoggedDelivery>, StoreError> {
+        let status = filter.status.map(i64::from);
+        let since = filter.since.as_ref().map(sql::format_time);
+        let limit = sql::limit_to_i64(filter.limit.unwrap_or(DEFAULT_LIST_LIMIT));
+        let source_id = filter.source_id;
+        self.inner
+            .readers
+            .run(move |conn| {
+                // One statement for every filter combination, so it is
+                // prepared once; a NULL parameter disables its condition.
+                let mut stmt = conn.prepare_cached(
+                    "SELECT id, received_at, request_id, source_id, remote_addr, status, reason, \
+                     message, event_id, position, body, body_truncated FROM deliveries \
+                     WHERE (?1 IS NULL OR status = ?1) \
+                       AND (?2 IS NULL OR source_id = ?2) \
+                       AND (?3 IS NULL OR received_at >= ?3) \
+                     ORDER BY received_at DESC, id DESC LIMIT ?4",
+                )?;
+                let mut rows = stmt.query(params![status, source_id, since, limit])?;
+                let mut out = Vec::new();
+                while let Some(row) = rows.next()? {
+                    out.push(decode(row)?);
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    /// Stops accepting records, writes what is queued and waits for the
+    /// writer thread to end. Later calls return `Closed`.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let handle = self.inner.begin_shutdown()?;
+        let joined = match handle {
+            Some(handle) => tokio::task::spawn_blocking(move || handle.join())
+                .await
+                .map_err(|err| StoreError::Storage(format!("cannot join writer thread: {err}")))?
+                .map_err(|_| StoreError::Storage("the delivery log writer panicked".into())),
+            None => Ok(()),
+        };
+        self.inner.readers.close();
+        joined
+    }
+
+    async fn send(&self, request: Request) -> Result<(), StoreError> {
+        let sender = self
+            .inner
+            .requests
+            .lock()
+            .map_err(|_| StoreError::Storage("delivery log handle lock poisoned".into()))?
+            .clone()
+            .ok_or(StoreError::Closed)?;
+        sender
+            .send(request)
+            .await
+            .map_err(|_| self.inner.writer_gone())
+    }
+}
+
+impl Inner {
+    fn begin_shutdown(&self) -> Result<Option<JoinHandle<()>>, StoreError> {
+        let poisoned = || StoreError::Storage("delivery log handle lock poisoned".into());
+        self.requests.lock().map_err(|_| poisoned())?.take();
+        Ok(self.writer.lock().map_err(|_| poisoned())?.take())
+    }
+
+    fn writer_gone(&self) -> StoreError {
+        if self.stopped_cleanly.load(Ordering::Acquire) {
+            StoreError::Closed
+        } else {
+            StoreError::Storage("the delivery log writer thread stopped unexpectedly".into())
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let requests = self.requests.get_mut().unwrap_or_else(|p| p.into_inner());
+        requests.take();
+        let writer = self.writer.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(handle) = writer.take()
+            && handle.join().is_err()
+        {
+            tracing::error!("the delivery log writer thread panicked");
+        }
+        self.readers.close();
+    }
+}
+
+impl fmt::Debug for DeliveryLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeliveryLog")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn decode(row: &Row<'_>) -> Result<LoggedDelivery, StoreError> {
+    let id: i64 = row.get(0)?;
+    let corrupt =
+        |reason: String| StoreError::Storage(format!("delivery {id} unreadable: {reason}"));
+    let received_at: String = row.get(1)?;
+    let status: i64 = row.get(5)?;
+    let event_id: Option<Vec<u8>> = row.get(8)?;
+    let position: Option<i64> = row.get(9)?;
+    Ok(LoggedDelivery {
+        id,
+        record: DeliveryRecord {
+            received_at: sql::parse_time(&received_at).map_err(corrupt)?,
+            request_id: row.get(2)?,
+            source_id: row.get(3)?,
+            remote_addr: row.get(4)?,
+            status: u16::try_from(status).map_err(|_| corrupt(format!("status {status}")))?,
+            reason: row.get(6)?,
+            message: row.get(7)?,
+            event_id: event_id
+                .map(|bytes| Uuid::from_slice(&bytes))
+                .transpose()
+                .map_err(|err| corrupt(format!("event id: {err}")))?,
+            position: position
+                .map(u64::try_from)
+                .transpose()
+                .map_err(|_| corrupt("negative position".into()))?,
+            body: row.get(10)?,
+            body_truncated: row.get(11)?,
+        },
+    })
+}
+
+struct Writer {
+    conn: Connection,
+    /// Records lost since the last flush, and the last cause: reported to
+    /// the next flush so a failure is never only in the logs.
+    failed: Option<(usize, StoreError)>,
+    stopped_cleanly: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        let mut records = Vec::new();
+        let mut flushes = Vec::new();
+        while let Some(first) = requests.blocking_recv() {
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(request) = next {
+                match request {
+                    Request::Record(record) => records.push(record),
+                    Request::Flush(reply) => flushes.push(reply),
+                }
+                taken += 1;
+                next = if taken < MAX_BATCH {
+                    requests.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            if !records.is_empty() {
+                if let Err(err) = self.insert(&records) {
+                    tracing::error!(error = %err, records = records.len(), "delivery log write failed");
+                    let lost = self.failed.as_ref().map_or(0, |(n, _)| *n) + records.len();
+                    self.failed = Some((lost, err));
+                }
+                records.clear();
+            }
+            if !flushes.is_empty() {
+                let result = match self.failed.take() {
+                    None => Ok(()),
+                    Some((lost, err)) => Err(StoreError::Storage(format!(
+                        "{lost} delivery record(s) could not be written: {err}"
+                    ))),
+                };
+                for reply in flushes.drain(..) {
+                    let _ = reply.send(result.clone());
+                }
+            }
+        }
+        if let Some((lost, err)) = &self.failed {
+            tracing::error!(lost, error = %err, "delivery log closed with unwritten records");
+        }
+        self.stopped_cleanly.store(true, Ordering::Release);
+    }
+
+    fn insert(&mut self, records: &[Box<DeliveryRecord>]) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO deliveries (received_at, request_id, source_id, remote_addr, status, \
+                 reason, message, event_id, position, body, body_truncated) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?;
+            for record in records {
+                let position = record
+                    .position
+                    .map(|p| sql::to_i64(p, "position"))
+                    .transpose()?;
+                stmt.execute(params![
+                    sql::format_time(&record.received_at),
+                    record.request_id,
+                    record.source_id,
+                    record.remote_addr,
+                    i64::from(record.status),
+                    record.reason,
+                    record.message,
+                    record.event_id.as_ref().map(|id| id.as_bytes().as_slice()),
+                    position,
+                    record.body,
+                    record.body_truncated,
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn record(secs: i64, status: u16, source: Option<&str>) -> DeliveryRecord {
+        DeliveryRecord {
+            received_at: Utc
+                .timestamp_opt(1_700_000_000 + secs, 123_456_789)
+                .unwrap(),
+            request_id: format!("req-{secs}"),
+            source_id: source.map(str::to_owned),
+            remote_addr: Some("192.0.2.7:4711".into()),
+            status,
+            reason: Some(
+                if status == 202 {
+                    "accepted"
+                } else {
+                    "invalid_signature"
+                }
+                .into(),
+            ),
+            message: (status != 202).then(|| "signature mismatch".to_owned()),
+            event_id: (status == 202).then(Uuid::new_v4),
+            position: (status == 202).then_some(secs as u64),
+            body: format!("{{\"n\": {secs}, \"x\": \"é\\u0000\"}}\n").into_bytes(),
+            body_truncated: secs % 2 == 0,
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, DeliveryLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DeliveryLog::open(dir.path().join("nested/deliveries.sqlite")).unwrap();
+        (dir, log)
+    }
+
+    #[tokio::test]
+    async fn record_flush_list_round_trips_newest_first() {
+        let (_dir, log) = open();
+        let records: Vec<_> = (1..=5)
+            .map(|i| record(i, if i % 2 == 0 { 401 } else { 202 }, Some("lms")))
+            .collect();
+        for r in &records {
+            log.record(r.clone()).await.unwrap();
+        }
+        log.flush().await.unwrap();
+
+        let listed = log.list(DeliveryFilter::default()).await.unwrap();
+        let got: Vec<_> = listed.iter().map(|l| l.record.clone()).collect();
+        let mut want = records.clone();
+        want.reverse();
+        assert_eq!(got, want);
+        assert!(listed.windows(2).all(|w| w[0].id > w[1].id));
+    }
+
+    #[tokio::test]
+    async fn newest_first_is_by_received_time_not_write_order() {
+        let (_dir, log) = open();
+        log.record(record(10, 202, None)).await.unwrap();
+        log.record(record(5, 202, None)).await.unwrap();
+        log.record(record(7, 202, None)).await.unwrap();
+        log.flush().await.unwrap();
+        let ids: Vec<_> = log
+            .list(DeliveryFilter::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.record.request_id)
+            .collect();
+        assert_eq!(ids, ["req-10", "req-7", "req-5"]);
+    }
+
+    #[tokio::test]
+    async fn filters_combine() {
+        let (_dir, log) = open();
+        for i in 0..20 {
+            let source = match i % 3 {
+                0 => None,
+                1 => Some("lms"),
+                _ => Some("crm"),
+            };
+            log.record(record(i, if i % 4 == 0 { 401 } else { 202 }, source))
+                .await
+                .unwrap();
+        }
+        log.flush().await.unwrap();
+
+        let by_status = log
+            .list(DeliveryFilter {
+                status: Some(401),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let secs: Vec<_> = by_status
+            .iter()
+            .map(|l| l.record.request_id.clone())
+            .collect();
+        assert_eq!(secs, ["req-16", "req-12", "req-8", "req-4", "req-0"]);
+
+        let lms_since = log
+            .list(DeliveryFilter {
+                source_id: Some("lms".into()),
+                since: Some(Utc.timestamp_opt(1_700_000_010, 123_456_789).unwrap()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let secs: Vec<_> = lms_since
+            .iter()
+            .map(|l| l.record.request_id.clone())
+            .collect();
+        assert_eq!(secs, ["req-19", "req-16", "req-13", "req-10"]);
+
+        let limited = log
+            .list(DeliveryFilter {
+                limit: Some(3),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let secs: Vec<_> = limited
+            .iter()
+            .map(|l| l.record.request_id.clone())
+            .collect();
+        assert_eq!(secs, ["req-19", "req-18", "req-17"]);
+
+        let none = log
+            .list(DeliveryFilter {
+                status: Some(500),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(none.is_empty());
+    }
+
+    #[tokio::test]
+    async fn default_limit_applies() {
+        let (_dir, log) = open();
+        for i in 0..(DEFAULT_LIST_LIMIT as i64 + 5) {
+            log.record(record(i, 202, None)).await.unwrap();
+        }
+        log.flush().await.unwrap();
+        let all = log.list(DeliveryFilter::default()).await.unwrap();
+        assert_eq!(all.len(), DEFAULT_LIST_LIMIT);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_records_are_all_kept_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deliveries.sqlite");
+        let log = DeliveryLog::open(&path).unwrap();
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    for i in 0..100 {
+                        log.record(record(t * 1000 + i, 202, Some("lms")))
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        // close (not flush) must also write everything queued.
+        log.close().await.unwrap();
+        assert!(matches!(
+            log.record(record(0, 202, None)).await,
+            Err(StoreError::Closed)
+        ));
+        assert!(matches!(log.flush().await, Err(StoreError::Closed)));
+        drop(log);
+
+        let log = DeliveryLog::open(&path).unwrap();
+        let all = log
+            .list(DeliveryFilter {
+                limit: Some(usize::MAX),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 800);
+    }
+}

@@ -1,0 +1,224 @@
+//! The event-store port and its adapters.
+//!
+//! This crate owns the append-only log: streams of immutable events, each with
+//! a revision inside its stream and a gap-free global position across all
+//! streams. It deals in bytes (event data is opaque JSON text) and knows
+//! nothing of the domain: which events exist and what they mean is the
+//! `domain` crate's business.
+//!
+//! Adapters:
+//! - [`sqlite::SqliteEventStore`]: the embedded default (one file, WAL,
+//!   `synchronous=FULL`, group commit).
+//! - EventStoreDB / KurrentDB: a later adapter implements the same
+//!   [`EventStore`] trait and passes the same contract suite.
+#![forbid(unsafe_code)]
+
+#[cfg(any(test, feature = "contract"))]
+pub mod contract;
+pub mod delivery_log;
+mod sql;
+pub mod sqlite;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A global position in the log. The first event ever appended has position 1;
+/// positions are gap-free and strictly increasing. Position 0 means "before
+/// everything" and is what a fresh checkpoint holds.
+pub type Position = u64;
+
+/// What the writer expects the stream to look like before its append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpectedRevision {
+    /// No check.
+    Any,
+    /// The stream must not exist yet.
+    NoStream,
+    /// The stream must exist (hold at least one event).
+    StreamExists,
+    /// The stream's last event must have exactly this revision (revisions start at 0).
+    Exact(u64),
+}
+
+/// The revision a stream is at: `None` when it holds no event.
+pub type StreamRevision = Option<u64>;
+
+/// Who, when and what a recorded event came from. Kept beside the event data
+/// so audits can tie every event back to the delivery that produced it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventMetadata {
+    /// When the receiver accepted the delivery.
+    pub received_at: DateTime<Utc>,
+    /// The configured source (webhook sender) it came through.
+    pub source_id: String,
+    /// The request id of the HTTP call that carried it.
+    pub request_id: String,
+    /// `sha256:<hex>` of the raw request body, byte for byte.
+    pub content_hash: String,
+}
+
+/// An event to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Deterministic id: appending an id that is already in the stream is an
+    /// idempotent no-op that returns the original record.
+    pub id: Uuid,
+    pub event_type: String,
+    pub schema_version: u32,
+    /// JSON text, stored and returned byte for byte.
+    pub data: String,
+    pub metadata: EventMetadata,
+}
+
+/// An event as the log holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedEvent {
+    pub id: Uuid,
+    pub stream: String,
+    /// Revision inside its stream, from 0.
+    pub revision: u64,
+    /// Global position, from 1, gap-free.
+    pub position: Position,
+    pub event_type: String,
+    pub schema_version: u32,
+    /// JSON text exactly as appended.
+    pub data: String,
+    pub metadata: EventMetadata,
+}
+
+/// What an append did, one entry per event in the request, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// The revision of the stream's last event after the append: pass it as
+    /// [`ExpectedRevision::Exact`] to append after it (EventStoreDB's
+    /// "next expected version"). For a duplicate append this is the stream's
+    /// current revision, which may have moved on since the original append.
+    pub next_revision: u64,
+    pub events: Vec<AppendedEvent>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendedEvent {
+    pub id: Uuid,
+    pub revision: u64,
+    pub position: Position,
+    /// True when the id was already recorded in this stream: nothing was
+    /// written, and `revision`/`position` are those of the first record.
+    pub duplicate: bool,
+}
+
+/// Why an append was refused. Nothing of a refused append is stored.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("wrong expected revision on stream {stream}: expected {expected:?}, actual {actual:?}")]
+    Conflict {
+        stream: String,
+        expected: ExpectedRevision,
+        actual: StreamRevision,
+    },
+    #[error("event id {id} is already recorded in another stream ({existing_stream})")]
+    IdInOtherStream { id: Uuid, existing_stream: String },
+    #[error("the append mixes already recorded event ids with new ones (first recorded: {id})")]
+    PartialDuplicate { id: Uuid },
+    #[error("an append must carry at least one event")]
+    Empty,
+    /// The same id appears twice in one request: the caller built a batch
+    /// that cannot be recorded (ids are unique across the whole log).
+    #[error("event id {id} appears more than once in the append")]
+    DuplicateIdInRequest { id: Uuid },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The store could not do what was asked (I/O, corruption, shut down).
+/// Callers answer it as "unavailable", never as the client's fault.
+/// `Clone` so that one failed group commit can be reported to every caller
+/// in the group.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("the store is shut down")]
+    Closed,
+    #[error("recorded event at position {position} is unreadable: {reason}")]
+    Corrupt { position: Position, reason: String },
+}
+
+/// Direction-free, bounded read of the global log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadAll {
+    /// First position to return (inclusive). 0 and 1 both mean "from the
+    /// first event".
+    pub from: Position,
+    /// At most this many events.
+    pub limit: usize,
+}
+
+/// A catch-up-then-live stream of every event from a position on, in
+/// position order, with no gap and no repeat across the switch to live.
+pub type Subscription = BoxStream<'static, Result<RecordedEvent, StoreError>>;
+
+/// The event-store port. Every backend passes the contract suite in
+/// the `contract` module (feature `contract`), run for SQLite by `tests/contract.rs`
+/// of this crate.
+#[async_trait]
+pub trait EventStore: Send + Sync + fmt::Debug {
+    /// Appends `events` to `stream` atomically: all or nothing. `Ok` means
+    /// the events are durably recorded.
+    ///
+    /// The checks, in this order:
+    /// 1. An empty `events` is [`AppendError::Empty`]; an id repeated inside
+    ///    `events` is [`AppendError::DuplicateIdInRequest`].
+    /// 2. An id already recorded in another stream is
+    ///    [`AppendError::IdInOtherStream`].
+    /// 3. If every id is already recorded in `stream`, the append is an
+    ///    idempotent no-op: `Ok` with `duplicate: true` and the original
+    ///    revision and position of each event, whatever `expected` says (a
+    ///    webhook redelivered days later gets the same answer). This holds
+    ///    for concurrent appends of the same ids too: exactly one of them
+    ///    records the events, and all of them see the same positions.
+    /// 4. Some ids recorded in `stream` and some not is
+    ///    [`AppendError::PartialDuplicate`].
+    /// 5. `expected` is checked against the stream's last revision;
+    ///    a mismatch is [`AppendError::Conflict`] carrying both.
+    /// 6. The events get consecutive revisions after the stream's last one
+    ///    (from 0) and consecutive global positions after the head (from 1).
+    ///
+    /// A refused append stores nothing. Store failures are
+    /// [`AppendError::Store`]; after shutdown, [`StoreError::Closed`].
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedRevision,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, AppendError>;
+
+    /// Every event of one stream, from revision `from` on, in revision order,
+    /// at most `limit` of them. An unknown stream reads as empty.
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// A bounded slice of the global log in position order.
+    async fn read_all(&self, read: ReadAll) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// The position of the last recorded event (0 for an empty log).
+    async fn head(&self) -> Result<Position, StoreError>;
+
+    /// Catch up from `from` (inclusive), then follow new appends live.
+    /// Every event is yielded exactly once, in position order. The stream
+    /// yields an error item (and then ends) only if the store fails; it ends
+    /// with `None` when the store is shut down.
+    fn subscribe_all(&self, from: Position) -> Subscription;
+
+    /// Cheap check that an append would be accepted right now (for `/readyz`).
+    async fn writable(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,207 @@
+//! Plumbing shared by the SQLite-backed parts of this crate: opening files,
+//! versioned migrations, timestamp encoding and a small pool of read-only
+//! connections used from blocking threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+use crate::StoreError;
+
+/// How long a connection waits for a lock held by another connection before
+/// giving up. Only checkpoints and other processes (operators' tools) contend
+/// with our single writer, so this is a safety net rather than a tuning knob.
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(err: rusqlite::Error) -> Self {
+        StoreError::Storage(err.to_string())
+    }
+}
+
+/// The `synchronous` setting of a writer connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Durability {
+    /// fsync on every commit: the event log, where `Ok` means durable.
+    Full,
+    /// fsync at checkpoints only: the delivery log, a troubleshooting aid
+    /// that may lose its last records on power loss.
+    Normal,
+}
+
+/// Opens (creating file and parent directory) the one read-write connection
+/// of a database, in WAL mode, and brings its schema up to date.
+pub(crate) fn open_writer(
+    path: &Path,
+    durability: Durability,
+    busy_timeout: Duration,
+    migrations: &[&str],
+) -> Result<Connection, StoreError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|err| {
+            StoreError::Storage(format!(
+                "cannot create directory {}: {err}",
+                parent.display()
+            ))
+        })?;
+    }
+    let mut conn = Connection::open(path).map_err(|err| {
+        StoreError::Storage(format!("cannot open database {}: {err}", path.display()))
+    })?;
+    conn.busy_timeout(busy_timeout)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Storage(format!(
+            "database {} refused WAL mode (got {mode})",
+            path.display()
+        )));
+    }
+    let sync = match durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    conn.set_prepared_statement_cache_capacity(32);
+    migrate(&mut conn, path, migrations)?;
+    Ok(conn)
+}
+
+/// Applies the migrations the file has not seen yet. `PRAGMA user_version`
+/// counts the applied ones; each migration runs in its own transaction with
+/// the version bump, so a crash leaves the file at a known version.
+fn migrate(conn: &mut Connection, path: &Path, migrations: &[&str]) -> Result<(), StoreError> {
+    let known = migrations.len();
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let current = usize::try_from(current).map_err(|_| {
+        StoreError::Storage(format!(
+            "database {} has a negative schema version",
+            path.display()
+        ))
+    })?;
+    if current > known {
+        return Err(StoreError::Storage(format!(
+            "database {} has schema version {current}, newer than this program knows ({known})",
+            path.display()
+        )));
+    }
+    for (index, sql) in migrations.iter().enumerate().skip(current) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(sql)?;
+        // PRAGMA does not take bound parameters; the value is our own integer.
+        tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1))?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// RFC 3339 in UTC with nanoseconds: round-trips exactly and sorts as text,
+/// so `>=` on the column is a time comparison.
+pub(crate) fn format_time(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Nanos, true)
+}
+
+pub(crate) fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|err| format!("bad timestamp {s:?}: {err}"))
+}
+
+pub(crate) fn to_i64(value: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::Storage(format!("{what} {value} is out of range")))
+}
+
+/// `LIMIT` accepts -1 for "no limit"; anything above `i64::MAX` is the same.
+pub(crate) fn limit_to_i64(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// Read-only connections for queries, so that reads never queue behind (or
+/// stall) the writer. Connections are opened on demand and at most
+/// `max_idle` are kept between uses: a burst of readers opens a few more
+/// rather than waiting.
+pub(crate) struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    max_idle: usize,
+    closed: AtomicBool,
+}
+
+impl ReadPool {
+    pub(crate) fn new(path: PathBuf, max_idle: usize) -> Self {
+        Self {
+            path,
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn checkout(&self) -> Result<Connection, StoreError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        let pooled = self
+            .idle
+            .lock()
+            .map_err(|_| StoreError::Storage("read pool lock poisoned".into()))?
+            .pop();
+        if let Some(conn) = pooled {
+            return Ok(conn);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|err| {
+            StoreError::Storage(format!(
+                "cannot open {} for reading: {err}",
+                self.path.display()
+            ))
+        })?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.set_prepared_statement_cache_capacity(16);
+        Ok(conn)
+    }
+
+    fn checkin(&self, conn: Connection) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        // A poisoned pool just stops recycling; the connection is closed.
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < self.max_idle
+        {
+            idle.push(conn);
+        }
+    }
+
+    /// Runs `f` on a pooled connection on tokio's blocking threads.
+    pub(crate) async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.checkout()?;
+            let result = f(&conn);
+            pool.checkin(conn);
+            result
+        })
+        .await
+        .map_err(|err| StoreError::Storage(format!("read task failed: {err}")))?
+    }
+
+    /// Refuses further reads and closes the idle connections; connections in
+    /// use are closed when their read ends.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+    }
+}

@@ -1,0 +1,818 @@
+//! The embedded event store: one SQLite file (WAL, `synchronous=FULL`) with a
+//! single writer thread that commits concurrent appends together.
+//!
+//! Writes: every [`EventStore::append`] becomes a request on a bounded
+//! channel to one OS thread that owns the only read-write connection. The
+//! thread takes whatever is queued (up to [`SqliteOptions::max_batch`]
+//! requests), applies each request inside its own SAVEPOINT of a single
+//! `BEGIN IMMEDIATE` transaction, commits once (one fsync for the group) and
+//! only then answers the callers. Because the whole group runs in one
+//! transaction on one connection, a request sees the events of the requests
+//! before it in the group: two appends of the same id racing in one group
+//! resolve to one record and one "duplicate" answer.
+//!
+//! Reads run on tokio's blocking threads over read-only connections, so they
+//! neither wait for nor delay a group commit. After every commit the writer
+//! publishes the new head on a `watch` channel, which live subscriptions wait
+//! on once caught up.
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use crate::sql::{self, Durability, ReadPool};
+use crate::{
+    AppendError, AppendOutcome, AppendedEvent, EventMetadata, EventStore, ExpectedRevision,
+    NewEvent, Position, ReadAll, RecordedEvent, StoreError, StreamRevision, Subscription,
+};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` is the number
+/// already applied. Never edit a released entry: add a new one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE events (
+    position       INTEGER PRIMARY KEY CHECK (position >= 1),
+    id             BLOB    NOT NULL UNIQUE CHECK (length(id) = 16),
+    stream         TEXT    NOT NULL,
+    revision       INTEGER NOT NULL CHECK (revision >= 0),
+    event_type     TEXT    NOT NULL,
+    schema_version INTEGER NOT NULL CHECK (schema_version >= 0),
+    data           TEXT    NOT NULL,
+    received_at    TEXT    NOT NULL,
+    source_id      TEXT    NOT NULL,
+    request_id     TEXT    NOT NULL,
+    content_hash   TEXT    NOT NULL,
+    UNIQUE (stream, revision)
+);
+
+-- The log is immutable: the code has no update or delete path, and these
+-- make a hand-written one (or an operator's sqlite3 session) fail too.
+CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+BEGIN
+    SELECT RAISE(ABORT, 'events are immutable: UPDATE refused');
+END;
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+BEGIN
+    SELECT RAISE(ABORT, 'events are immutable: DELETE refused');
+END;
+
+-- Gap-free positions and revisions are what consumers rely on to know they
+-- missed nothing; the writer assigns them, the database double-checks.
+CREATE TRIGGER events_position_gap_free BEFORE INSERT ON events
+WHEN NEW.position <> COALESCE((SELECT MAX(position) FROM events), 0) + 1
+BEGIN
+    SELECT RAISE(ABORT, 'events.position must be the head + 1');
+END;
+CREATE TRIGGER events_revision_gap_free BEFORE INSERT ON events
+WHEN NEW.revision <> COALESCE((SELECT MAX(revision) FROM events WHERE stream = NEW.stream), -1) + 1
+BEGIN
+    SELECT RAISE(ABORT, 'events.revision must be the stream revision + 1');
+END;
+"#];
+
+/// The columns `decode_event` reads, followed by `$rest`; a macro so the
+/// statement text is a constant (statement-cache lookups do not allocate).
+macro_rules! select_events {
+    ($rest:literal) => {
+        concat!(
+            "SELECT position, id, stream, revision, event_type, schema_version, data, \
+             received_at, source_id, request_id, content_hash FROM events ",
+            $rest
+        )
+    };
+}
+
+/// Tunables of [`SqliteEventStore::open_with`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Most append requests committed in one transaction.
+    pub max_batch: usize,
+    /// Append requests that may wait for the writer before `append` itself
+    /// waits (backpressure).
+    pub queue_capacity: usize,
+    /// Read-only connections kept open between reads.
+    pub max_idle_readers: usize,
+    /// Events a subscription reads per query while catching up.
+    pub subscription_batch: usize,
+    /// How long the writer waits for a lock held by another process (an
+    /// operator's sqlite3 session) before failing the group.
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            max_batch: 1024,
+            queue_capacity: 4096,
+            max_idle_readers: 4,
+            subscription_batch: 512,
+            busy_timeout: sql::BUSY_TIMEOUT,
+        }
+    }
+}
+
+/// What the writer has done since the store was opened: the ratio of the two
+/// is the group-commit factor (appends per fsync), worth exporting as metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Transactions committed (or attempted) for appends.
+    pub groups: u64,
+    /// Append requests those transactions carried.
+    pub appends: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    groups: AtomicU64,
+    appends: AtomicU64,
+}
+
+/// The embedded [`EventStore`]. Cheap to clone: clones share one writer
+/// thread and one read pool. The writer stops when [`close`](Self::close) is
+/// called or the last clone is dropped, after finishing the queued appends.
+#[derive(Clone)]
+pub struct SqliteEventStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    /// `None` once shutdown began: new appends are refused with `Closed`.
+    requests: Mutex<Option<mpsc::Sender<Request>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Set by the writer thread when it ends because it was told to, so a
+    /// vanished writer can be told apart from a crashed one.
+    stopped_cleanly: Arc<AtomicBool>,
+    readers: Arc<ReadPool>,
+    head: watch::Receiver<Position>,
+    subscription_batch: usize,
+    counters: Arc<Counters>,
+}
+
+enum Request {
+    Append {
+        stream: String,
+        expected: ExpectedRevision,
+        events: Vec<NewEvent>,
+        reply: oneshot::Sender<Result<AppendOutcome, AppendError>>,
+    },
+    CheckWritable {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+impl SqliteEventStore {
+    /// Opens (creating if needed) the event log at `path` with default options.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(path, SqliteOptions::default())
+    }
+
+    /// Opens (creating file and parent directory if needed) the event log at
+    /// `path`, migrates its schema and starts the writer thread.
+    pub fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let conn = sql::open_writer(&path, Durability::Full, options.busy_timeout, MIGRATIONS)?;
+        let head = read_head(&conn)?;
+        let (head_tx, head_rx) = watch::channel(head);
+        let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
+        let stopped_cleanly = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(Counters::default());
+        let writer = Writer {
+            conn,
+            head: head_tx,
+            max_batch: options.max_batch.max(1),
+            stopped_cleanly: Arc::clone(&stopped_cleanly),
+            counters: Arc::clone(&counters),
+        };
+        let handle = std::thread::Builder::new()
+            .name("event-store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|err| StoreError::Storage(format!("cannot start writer thread: {err}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                readers: Arc::new(ReadPool::new(path.clone(), options.max_idle_readers)),
+                path,
+                requests: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(handle)),
+                stopped_cleanly,
+                head: head_rx,
+                subscription_batch: options.subscription_batch.max(1),
+                counters,
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Group-commit counters since open.
+    pub fn commit_stats(&self) -> CommitStats {
+        CommitStats {
+            groups: self.inner.counters.groups.load(Ordering::Relaxed),
+            appends: self.inner.counters.appends.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops accepting appends, lets the writer commit what is already
+    /// queued, waits for its thread to end and closes the read connections.
+    /// Later calls (on any clone) return `Closed`; live subscriptions end.
+    /// Calling it again returns at once.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let handle = self.inner.begin_shutdown()?;
+        let joined = match handle {
+            Some(handle) => tokio::task::spawn_blocking(move || handle.join())
+                .await
+                .map_err(|err| StoreError::Storage(format!("cannot join writer thread: {err}")))?
+                .map_err(|_| StoreError::Storage("the writer thread panicked".into())),
+            None => Ok(()),
+        };
+        self.inner.readers.close();
+        joined
+    }
+
+    async fn send(&self, request: Request) -> Result<(), StoreError> {
+        // Clone the sender rather than hold the lock across the await; a
+        // clone in flight keeps the writer draining until it is delivered.
+        let sender = self
+            .inner
+            .requests
+            .lock()
+            .map_err(|_| StoreError::Storage("event store handle lock poisoned".into()))?
+            .clone()
+            .ok_or(StoreError::Closed)?;
+        sender
+            .send(request)
+            .await
+            .map_err(|_| self.inner.writer_gone())
+    }
+}
+
+impl Inner {
+    fn begin_shutdown(&self) -> Result<Option<JoinHandle<()>>, StoreError> {
+        let poisoned = || StoreError::Storage("event store handle lock poisoned".into());
+        self.requests.lock().map_err(|_| poisoned())?.take();
+        Ok(self.writer.lock().map_err(|_| poisoned())?.take())
+    }
+
+    fn writer_gone(&self) -> StoreError {
+        writer_gone(&self.stopped_cleanly)
+    }
+}
+
+fn writer_gone(stopped_cleanly: &AtomicBool) -> StoreError {
+    if stopped_cleanly.load(Ordering::Acquire) {
+        StoreError::Closed
+    } else {
+        StoreError::Storage("the event store writer thread stopped unexpectedly".into())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Dropping the last sender ends the writer's loop once it has
+        // committed what is queued; joining makes "dropped" mean "done".
+        let requests = self.requests.get_mut().unwrap_or_else(|p| p.into_inner());
+        requests.take();
+        let writer = self.writer.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(handle) = writer.take()
+            && handle.join().is_err()
+        {
+            tracing::error!("the event store writer thread panicked");
+        }
+        self.readers.close();
+    }
+}
+
+impl fmt::Debug for SqliteEventStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteEventStore")
+            .field("path", &self.inner.path)
+            .field("head", &*self.inner.head.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl EventStore for SqliteEventStore {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedRevision,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, AppendError> {
+        // Checks that need no database are answered here, off the writer.
+        if events.is_empty() {
+            return Err(AppendError::Empty);
+        }
+        let mut seen = HashSet::with_capacity(events.len());
+        if let Some(event) = events.iter().find(|e| !seen.insert(e.id)) {
+            return Err(AppendError::DuplicateIdInRequest { id: event.id });
+        }
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Append {
+            stream: stream.to_owned(),
+            expected,
+            events,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| self.inner.writer_gone())?
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let stream = stream.to_owned();
+        let from = sql::to_i64(from, "revision").unwrap_or(i64::MAX);
+        let limit = sql::limit_to_i64(limit);
+        self.inner
+            .readers
+            .run(move |conn| {
+                let mut stmt = conn.prepare_cached(select_events!(
+                    "WHERE stream = ?1 AND revision >= ?2 ORDER BY revision LIMIT ?3"
+                ))?;
+                collect_events(stmt.query(params![stream, from, limit])?)
+            })
+            .await
+    }
+
+    async fn read_all(&self, read: ReadAll) -> Result<Vec<RecordedEvent>, StoreError> {
+        read_all(&self.inner.readers, read).await
+    }
+
+    async fn head(&self) -> Result<Position, StoreError> {
+        self.inner.readers.run(read_head).await
+    }
+
+    fn subscribe_all(&self, from: Position) -> Subscription {
+        let state = Follow {
+            readers: Arc::clone(&self.inner.readers),
+            head: self.inner.head.clone(),
+            stopped_cleanly: Arc::clone(&self.inner.stopped_cleanly),
+            next: from.max(1),
+            batch: self.inner.subscription_batch,
+            buffered: VecDeque::new(),
+            writer_stopped: false,
+            done: false,
+        };
+        Box::pin(futures::stream::unfold(state, |mut state| async move {
+            let item = state.next_item().await?;
+            Some((item, state))
+        }))
+    }
+
+    async fn writable(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::CheckWritable { reply }).await?;
+        answer.await.map_err(|_| self.inner.writer_gone())?
+    }
+}
+
+async fn read_all(
+    readers: &Arc<ReadPool>,
+    read: ReadAll,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    if read.limit == 0 {
+        return Ok(Vec::new());
+    }
+    let from = sql::to_i64(read.from, "position").unwrap_or(i64::MAX);
+    let limit = sql::limit_to_i64(read.limit);
+    readers
+        .run(move |conn| {
+            let mut stmt = conn.prepare_cached(select_events!(
+                "WHERE position >= ?1 ORDER BY position LIMIT ?2"
+            ))?;
+            collect_events(stmt.query(params![from, limit])?)
+        })
+        .await
+}
+
+fn read_head(conn: &Connection) -> Result<Position, StoreError> {
+    let head: i64 = conn
+        .prepare_cached("SELECT COALESCE(MAX(position), 0) FROM events")?
+        .query_row([], |row| row.get(0))?;
+    u64::try_from(head).map_err(|_| StoreError::Corrupt {
+        position: 0,
+        reason: format!("negative head position {head}"),
+    })
+}
+
+fn collect_events(mut rows: rusqlite::Rows<'_>) -> Result<Vec<RecordedEvent>, StoreError> {
+    let mut events = Vec::new();
+    while let Some(row) = rows.next()? {
+        events.push(decode_event(row)?);
+    }
+    Ok(events)
+}
+
+fn decode_event(row: &Row<'_>) -> Result<RecordedEvent, StoreError> {
+    let raw_position: i64 = row.get(0)?;
+    let position = u64::try_from(raw_position).map_err(|_| StoreError::Corrupt {
+        position: 0,
+        reason: format!("negative position {raw_position}"),
+    })?;
+    let corrupt = |reason: String| StoreError::Corrupt { position, reason };
+    let id = row
+        .get_ref(1)?
+        .as_blob()
+        .map_err(|err| corrupt(format!("bad event id: {err}")))
+        .and_then(|bytes| {
+            Uuid::from_slice(bytes).map_err(|err| corrupt(format!("bad event id: {err}")))
+        })?;
+    let revision: i64 = row.get(3)?;
+    let schema_version: i64 = row.get(5)?;
+    let received_at: String = row.get(7)?;
+    Ok(RecordedEvent {
+        id,
+        stream: row.get(2)?,
+        revision: u64::try_from(revision)
+            .map_err(|_| corrupt(format!("negative revision {revision}")))?,
+        position,
+        event_type: row.get(4)?,
+        schema_version: u32::try_from(schema_version)
+            .map_err(|_| corrupt(format!("schema version {schema_version} out of range")))?,
+        data: row.get(6)?,
+        metadata: EventMetadata {
+            received_at: sql::parse_time(&received_at).map_err(corrupt)?,
+            source_id: row.get(8)?,
+            request_id: row.get(9)?,
+            content_hash: row.get(10)?,
+        },
+    })
+}
+
+/// State of one live subscription. It holds the read pool and the head
+/// watch, not the store, so that it does not keep the writer alive: when the
+/// store shuts down the watch closes and the subscription ends.
+struct Follow {
+    readers: Arc<ReadPool>,
+    head: watch::Receiver<Position>,
+    stopped_cleanly: Arc<AtomicBool>,
+    /// The position of the next event to yield.
+    next: Position,
+    batch: usize,
+    buffered: VecDeque<RecordedEvent>,
+    writer_stopped: bool,
+    done: bool,
+}
+
+impl Follow {
+    async fn next_item(&mut self) -> Option<Result<RecordedEvent, StoreError>> {
+        loop {
+            if let Some(event) = self.buffered.pop_front() {
+                return Some(Ok(event));
+            }
+            if self.done {
+                return None;
+            }
+            // Mark the current head as seen BEFORE reading: a commit that
+            // lands after this line (even during the read) changes the value
+            // again, so the wait below returns at once and nothing is missed.
+            self.head.borrow_and_update();
+            let read = ReadAll {
+                from: self.next,
+                limit: self.batch,
+            };
+            let events = match read_all(&self.readers, read).await {
+                Ok(events) => events,
+                // The store was closed under us: end quietly, as documented.
+                Err(StoreError::Closed) => {
+                    self.done = true;
+                    return None;
+                }
+                Err(err) => {
+                    self.done = true;
+                    return Some(Err(err));
+                }
+            };
+            if events.is_empty() {
+                if self.writer_stopped {
+                    // Drained what the last commits wrote; nothing more comes.
+                    self.done = true;
+                    return if self.stopped_cleanly.load(Ordering::Acquire) {
+                        None
+                    } else {
+                        Some(Err(writer_gone(&self.stopped_cleanly)))
+                    };
+                }
+                if self.head.changed().await.is_err() {
+                    // The writer is gone; read once more for whatever it
+                    // committed before going, then end.
+                    self.writer_stopped = true;
+                }
+                continue;
+            }
+            for event in events {
+                // Positions are gap-free, so anything else means a broken
+                // file; yielding past it would silently skip events.
+                if event.position != self.next {
+                    self.done = true;
+                    self.buffered.clear();
+                    return Some(Err(StoreError::Corrupt {
+                        position: event.position,
+                        reason: format!("expected position {} next in the log", self.next),
+                    }));
+                }
+                self.next += 1;
+                self.buffered.push_back(event);
+            }
+        }
+    }
+}
+
+/// The writer thread: owns the only read-write connection.
+struct Writer {
+    conn: Connection,
+    head: watch::Sender<Position>,
+    max_batch: usize,
+    stopped_cleanly: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+}
+
+struct PendingAppend {
+    stream: String,
+    expected: ExpectedRevision,
+    events: Vec<NewEvent>,
+    reply: oneshot::Sender<Result<AppendOutcome, AppendError>>,
+}
+
+/// Why one request of a group was not applied.
+enum Refusal {
+    /// The request was refused; the rest of the group goes on.
+    Append(AppendError),
+    /// The database failed; the request is answered with it and its
+    /// savepoint rolled back.
+    Store(StoreError),
+}
+
+impl From<rusqlite::Error> for Refusal {
+    fn from(err: rusqlite::Error) -> Self {
+        Refusal::Store(err.into())
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(err: StoreError) -> Self {
+        Refusal::Store(err)
+    }
+}
+
+impl Writer {
+    fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        let mut appends = Vec::new();
+        let mut checks = Vec::new();
+        // `None` once every sender is gone: shutdown, after the queue drained.
+        while let Some(first) = requests.blocking_recv() {
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(request) = next {
+                match request {
+                    Request::Append {
+                        stream,
+                        expected,
+                        events,
+                        reply,
+                    } => appends.push(PendingAppend {
+                        stream,
+                        expected,
+                        events,
+                        reply,
+                    }),
+                    Request::CheckWritable { reply } => checks.push(reply),
+                }
+                taken += 1;
+                next = if taken < self.max_batch {
+                    requests.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            if !checks.is_empty() {
+                let result = self.check_writable();
+                for reply in checks.drain(..) {
+                    // The caller may have given up waiting; nothing to do.
+                    let _ = reply.send(result.clone());
+                }
+            }
+            if !appends.is_empty() {
+                self.commit_group(std::mem::take(&mut appends));
+            }
+        }
+        self.stopped_cleanly.store(true, Ordering::Release);
+    }
+
+    fn check_writable(&mut self) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.rollback()?;
+        Ok(())
+    }
+
+    /// Applies a group in one transaction and answers every request only
+    /// after the COMMIT, so no caller hears `Ok` for something not durable.
+    fn commit_group(&mut self, group: Vec<PendingAppend>) {
+        self.counters.groups.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .appends
+            .fetch_add(group.len() as u64, Ordering::Relaxed);
+        match self.apply_group(&group) {
+            Ok((results, head)) => {
+                self.head.send_if_modified(|published| {
+                    let changed = *published != head;
+                    *published = head;
+                    changed
+                });
+                for (request, result) in group.into_iter().zip(results) {
+                    let _ = request.reply.send(result);
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, requests = group.len(), "event store group commit failed");
+                // Even refusals are withdrawn: they may have been decided
+                // against events of this group that are now rolled back.
+                for request in group {
+                    let _ = request.reply.send(Err(AppendError::Store(err.clone())));
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn apply_group(
+        &mut self,
+        group: &[PendingAppend],
+    ) -> Result<(Vec<Result<AppendOutcome, AppendError>>, Position), StoreError> {
+        let mut tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Read inside the write lock rather than trust a cached value: it is
+        // one index seek per group and stays right whatever happened before.
+        let mut head = read_head(&tx)?;
+        let mut results = Vec::with_capacity(group.len());
+        for request in group {
+            let savepoint = tx.savepoint()?;
+            match apply_one(&savepoint, head, request) {
+                Ok((outcome, new_head)) => {
+                    savepoint.commit()?;
+                    head = new_head;
+                    results.push(Ok(outcome));
+                }
+                Err(refusal) => {
+                    // Rolls back to the savepoint and releases it; if even
+                    // that fails the transaction is in an unknown state and
+                    // the whole group fails.
+                    savepoint.finish()?;
+                    results.push(Err(match refusal {
+                        Refusal::Append(err) => err,
+                        Refusal::Store(err) => {
+                            tracing::error!(error = %err, stream = %request.stream, "append failed inside a group");
+                            AppendError::Store(err)
+                        }
+                    }));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok((results, head))
+    }
+}
+
+/// Applies one append on the group's transaction. Returns the outcome and
+/// the head after it.
+fn apply_one(
+    conn: &Connection,
+    head: Position,
+    request: &PendingAppend,
+) -> Result<(AppendOutcome, Position), Refusal> {
+    let stream = request.stream.as_str();
+    let mut recorded = Vec::new();
+    for event in &request.events {
+        let existing = conn
+            .prepare_cached("SELECT stream, revision, position FROM events WHERE id = ?1")?
+            .query_row([event.id.as_bytes().as_slice()], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, i64>(2)?,
+                ))
+            })
+            .optional()?;
+        let Some((existing_stream, revision, position)) = existing else {
+            continue;
+        };
+        if existing_stream != stream {
+            return Err(Refusal::Append(AppendError::IdInOtherStream {
+                id: event.id,
+                existing_stream,
+            }));
+        }
+        recorded.push(AppendedEvent {
+            id: event.id,
+            revision: non_negative(revision, position)?,
+            position: non_negative(position, position)?,
+            duplicate: true,
+        });
+    }
+
+    let current = stream_revision(conn, stream)?;
+    if recorded.len() == request.events.len() {
+        // Ids are unique in the log, so the stream holds at least these.
+        let next_revision = current.unwrap_or_default();
+        return Ok((
+            AppendOutcome {
+                next_revision,
+                events: recorded,
+            },
+            head,
+        ));
+    }
+    if let Some(first) = recorded.first() {
+        return Err(Refusal::Append(AppendError::PartialDuplicate {
+            id: first.id,
+        }));
+    }
+
+    let accepted = match request.expected {
+        ExpectedRevision::Any => true,
+        ExpectedRevision::NoStream => current.is_none(),
+        ExpectedRevision::StreamExists => current.is_some(),
+        ExpectedRevision::Exact(revision) => current == Some(revision),
+    };
+    if !accepted {
+        return Err(Refusal::Append(AppendError::Conflict {
+            stream: stream.to_owned(),
+            expected: request.expected,
+            actual: current,
+        }));
+    }
+
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO events (position, id, stream, revision, event_type, schema_version, data, \
+         received_at, source_id, request_id, content_hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?;
+    let mut appended = Vec::with_capacity(request.events.len());
+    let mut position = head;
+    let mut revision = current.map_or(0, |r| r + 1);
+    for event in &request.events {
+        position += 1;
+        insert.execute(params![
+            sql::to_i64(position, "position")?,
+            event.id.as_bytes().as_slice(),
+            stream,
+            sql::to_i64(revision, "revision")?,
+            event.event_type,
+            i64::from(event.schema_version),
+            event.data,
+            sql::format_time(&event.metadata.received_at),
+            event.metadata.source_id,
+            event.metadata.request_id,
+            event.metadata.content_hash,
+        ])?;
+        appended.push(AppendedEvent {
+            id: event.id,
+            revision,
+            position,
+            duplicate: false,
+        });
+        revision += 1;
+    }
+    Ok((
+        AppendOutcome {
+            next_revision: revision - 1,
+            events: appended,
+        },
+        position,
+    ))
+}
+
+fn stream_revision(conn: &Connection, stream: &str) -> Result<StreamRevision, StoreError> {
+    let last: Option<i64> = conn
+        .prepare_cached("SELECT MAX(revision) FROM events WHERE stream = ?1")?
+        .query_row([stream], |row| row.get(0))?;
+    last.map(|r| non_negative(r, 0)).transpose()
+}
+
+fn non_negative(value: i64, position: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt {
+        position: u64::try_from(position).unwrap_or_default(),
+        reason: format!("negative value {value}"),
+    })
+}
+
+#[cfg(test)]
+mod tests;
