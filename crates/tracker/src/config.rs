@@ -1,0 +1,384 @@
+//! Configuration: built-in defaults, then a TOML file (`--config`), then
+//! `TRACKER_*` environment variables, then command-line flags. Loaded and
+//! checked once at start-up; what the rest of the program sees is valid.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tracker_domain::{InstitutionId, SourceTimeZone};
+
+/// A secret string: never shown by `Debug` or `Display`, so it cannot end up
+/// in a log line by accident.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Which institutions a credential may act for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstitutionScope {
+    All,
+    Only(HashSet<u64>),
+}
+
+impl InstitutionScope {
+    pub fn allows(&self, institution: InstitutionId) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(ids) => ids.contains(&institution.get()),
+        }
+    }
+}
+
+/// `institutions = [12345, 678]` or `institutions = ["*"]`.
+impl<'de> Deserialize<'de> for InstitutionScope {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Item {
+            Id(u64),
+            Text(String),
+        }
+        let items = Vec::<Item>::deserialize(d)?;
+        let mut ids = HashSet::new();
+        let mut all = false;
+        for item in items {
+            match item {
+                Item::Text(s) if s == "*" => all = true,
+                Item::Text(s) => match s.parse::<u64>() {
+                    Ok(id) if id > 0 => {
+                        ids.insert(id);
+                    }
+                    _ => {
+                        return Err(serde::de::Error::custom(format!(
+                            "institutions: expected positive integer ids or \"*\", got {s:?}"
+                        )));
+                    }
+                },
+                Item::Id(0) => {
+                    return Err(serde::de::Error::custom(
+                        "institutions: ids are positive integers, got 0",
+                    ));
+                }
+                Item::Id(id) => {
+                    ids.insert(id);
+                }
+            }
+        }
+        if all {
+            Ok(Self::All)
+        } else {
+            Ok(Self::Only(ids))
+        }
+    }
+}
+
+impl Serialize for InstitutionScope {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::All => ["*"].serialize(s),
+            Self::Only(ids) => {
+                let mut ids: Vec<_> = ids.iter().copied().collect();
+                ids.sort_unstable();
+                ids.serialize(s)
+            }
+        }
+    }
+}
+
+/// A webhook sender: its URL token and the institutions it may post for.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct SourceConfig {
+    pub id: String,
+    pub token: Secret,
+    pub institutions: InstitutionScope,
+    /// Standard Webhooks secret (`whsec_<base64>`); when set, every delivery
+    /// of this source must carry a valid signature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct EventStoreConfig {
+    /// Unset: the embedded store in `data_dir`. `esdb://...`: EventStoreDB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Everything the tracker can be told. Field names are the TOML keys and,
+/// upper-cased behind `TRACKER_`, the environment variables.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub source_timezone: String,
+    /// Largest accepted webhook body, in bytes.
+    pub body_limit: usize,
+    /// How long SIGTERM waits for in-flight requests, in seconds.
+    pub shutdown_timeout_secs: u64,
+    pub log_format: LogFormat,
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+    #[serde(default)]
+    pub event_store: EventStoreConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            source_timezone: SourceTimeZone::DEFAULT_NAME.to_owned(),
+            body_limit: 64 * 1024,
+            shutdown_timeout_secs: 30,
+            log_format: LogFormat::Text,
+            sources: Vec::new(),
+            event_store: EventStoreConfig::default(),
+        }
+    }
+}
+
+/// Environment variables whose names do not map to a key by lower-casing.
+const NESTED_ENV_KEYS: &[(&str, &str)] = &[("event_store_url", "event_store.url")];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// Flags given on the command line; `None` leaves the layer below in force.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Defaults, then `file` (if any), then `TRACKER_*`, then `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let env = Env::prefixed("TRACKER_").map(|key| {
+            let key = key.as_str();
+            NESTED_ENV_KEYS
+                .iter()
+                .find(|(flat, _)| key.eq_ignore_ascii_case(flat))
+                .map(|(_, nested)| (*nested).into())
+                .unwrap_or_else(|| key.into())
+        });
+        let config: Config = figment
+            .merge(env)
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(Box::new)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    pub fn timezone(&self) -> Result<SourceTimeZone, ConfigError> {
+        SourceTimeZone::parse(&self.source_timezone)
+            .map_err(|e| ConfigError::Invalid(format!("source_timezone {e}")))
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        self.timezone()?;
+        if self.body_limit < 1024 {
+            return Err(ConfigError::Invalid(
+                "body_limit must be at least 1024 bytes".into(),
+            ));
+        }
+        let mut ids = HashSet::new();
+        let mut tokens = HashSet::new();
+        for s in &self.sources {
+            if s.id.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "sources: a source has an empty id".into(),
+                ));
+            }
+            if !ids.insert(s.id.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "sources: id {:?} is used twice",
+                    s.id
+                )));
+            }
+            if s.token.expose().len() < 16 {
+                return Err(ConfigError::Invalid(format!(
+                    "sources: the token of {:?} must be at least 16 characters",
+                    s.id
+                )));
+            }
+            if !tokens.insert(s.token.expose()) {
+                return Err(ConfigError::Invalid(format!(
+                    "sources: the token of {:?} is also another source's",
+                    s.id
+                )));
+            }
+            if let Some(secret) = &s.signing_secret {
+                crate::signature::SigningKey::parse(secret.expose()).map_err(|e| {
+                    ConfigError::Invalid(format!("sources: signing_secret of {:?}: {e}", s.id))
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+// `Jail` closures return figment's own (large) error type: not ours to shrink.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_need_no_file() {
+        Jail::expect_with(|_| {
+            let c = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+            assert_eq!(c.data_dir, PathBuf::from("./data"));
+            assert_eq!(c.source_timezone, "America/Sao_Paulo");
+            assert_eq!(c.body_limit, 65536);
+            assert!(c.sources.is_empty());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "tracker.toml",
+                r#"
+                listen = "127.0.0.1:9000"
+                data_dir = "/var/lib/tracker"
+                source_timezone = "America/Manaus"
+
+                [[sources]]
+                id = "toolzz-main"
+                token = "0123456789abcdef0123"
+                institutions = [12345]
+
+                [[sources]]
+                id = "ops"
+                token = "fedcba9876543210fedc"
+                institutions = ["*"]
+                "#,
+            )?;
+            jail.set_env("TRACKER_DATA_DIR", "/srv/tracker");
+            jail.set_env("TRACKER_EVENT_STORE_URL", "esdb://es:2113?tls=false");
+            let overrides = Overrides {
+                listen: Some(SocketAddr::from(([0, 0, 0, 0], 8081))),
+                data_dir: None,
+            };
+            let c = Config::load(Some(Path::new("tracker.toml")), &overrides)
+                .map_err(|e| e.to_string())?;
+            assert_eq!(c.listen.to_string(), "0.0.0.0:8081");
+            assert_eq!(c.data_dir, PathBuf::from("/srv/tracker"));
+            assert_eq!(c.source_timezone, "America/Manaus");
+            assert_eq!(
+                c.event_store.url.as_ref().map(Secret::expose),
+                Some("esdb://es:2113?tls=false")
+            );
+            assert_eq!(c.sources.len(), 2);
+            let inst = InstitutionId::try_from(12345).map_err(|e| e.to_string())?;
+            let other = InstitutionId::try_from(1).map_err(|e| e.to_string())?;
+            assert!(c.sources[0].institutions.allows(inst));
+            assert!(!c.sources[0].institutions.allows(other));
+            assert_eq!(c.sources[1].institutions, InstitutionScope::All);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn sources_from_the_environment_alone() {
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "TRACKER_SOURCES",
+                r#"[{id="a",token="0123456789abcdef",institutions=[1,2]}]"#,
+            );
+            let c = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.sources.len(), 1);
+            assert_eq!(c.sources[0].id, "a");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn refuses_bad_settings_with_their_name() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TRACKER_SOURCE_TIMEZONE", "Mars/Base");
+            let e = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("source_timezone"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "TRACKER_SOURCES",
+                r#"[{id="a",token="short",institutions=["*"]}]"#,
+            );
+            let e = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("at least 16"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "TRACKER_SOURCES",
+                r#"[{id="a",token="0123456789abcdef",institutions=[0]}]"#,
+            );
+            assert!(Config::load(None, &Overrides::default()).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug() {
+        let s = SourceConfig {
+            id: "x".into(),
+            token: Secret::new("supersecrettoken1234"),
+            institutions: InstitutionScope::All,
+            signing_secret: None,
+        };
+        assert!(!format!("{s:?}").contains("supersecret"));
+    }
+}

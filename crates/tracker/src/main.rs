@@ -1,0 +1,163 @@
+//! `tracker`: one binary, one subcommand per role.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use tracker::config::{Config, LogFormat, Overrides};
+use tracker::server::{self, StartOptions};
+use tracker_store::delivery_log::{DeliveryFilter, DeliveryLog};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tracker",
+    version,
+    about = "Event-sourced learning-progress tracker"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where configuration comes from: defaults, `--config`, `TRACKER_*`, flags.
+#[derive(Debug, Args)]
+struct Common {
+    /// TOML configuration file.
+    #[arg(long, short, env = "TRACKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory of the embedded stores (overrides `data_dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Receive webhooks (and, in later roles, project and answer queries).
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Address to listen on (overrides `listen`).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// List recent webhook calls from the delivery log, newest first.
+    Deliveries {
+        #[command(flatten)]
+        common: Common,
+        /// Only calls answered with this HTTP status.
+        #[arg(long)]
+        status: Option<u16>,
+        /// Only calls of this source id.
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tracker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tracker: {e}");
+            let mut source = e.source();
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(
+    common: &Common,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<Config, Box<dyn std::error::Error>> {
+    let overrides = Overrides {
+        listen,
+        data_dir: common.data_dir.clone(),
+    };
+    Ok(Config::load(common.config.as_deref(), &overrides)?)
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("TRACKER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Serve { common, listen } => {
+            let config = load(&common, listen)?;
+            init_tracing(config.log_format);
+            let running = server::start(config, StartOptions::default()).await?;
+            if let Some(url) = &running.dev_webhook_url {
+                // Printed once, on stdout, and never logged: it holds the token.
+                println!(
+                    "No [[sources]] configured: using development source '{}' for all institutions.\nWebhook URL: {url}",
+                    server::DEV_SOURCE_ID
+                );
+            }
+            println!("tracker listening on http://{}", running.local_addr);
+            running.wait().await?;
+            Ok(())
+        }
+        Command::Deliveries {
+            common,
+            status,
+            source,
+            limit,
+        } => {
+            let config = load(&common, None)?;
+            let log = DeliveryLog::open(config.data_dir.join("deliveries.sqlite"))?;
+            let rows = log
+                .list(DeliveryFilter {
+                    status,
+                    source_id: source,
+                    limit: Some(limit),
+                    ..DeliveryFilter::default()
+                })
+                .await?;
+            for row in rows {
+                let r = row.record;
+                let line = serde_json::json!({
+                    "id": row.id,
+                    "received_at": r.received_at,
+                    "request_id": r.request_id,
+                    "source_id": r.source_id,
+                    "remote_addr": r.remote_addr,
+                    "status": r.status,
+                    "reason": r.reason,
+                    "message": r.message,
+                    "event_id": r.event_id,
+                    "position": r.position,
+                    "body": String::from_utf8_lossy(&r.body),
+                    "body_truncated": r.body_truncated,
+                });
+                println!("{line}");
+            }
+            log.close().await?;
+            Ok(())
+        }
+    }
+}

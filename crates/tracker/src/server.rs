@@ -1,0 +1,241 @@
+//! `tracker serve`: open the stores, bind, route, and shut down gracefully.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use actix_web::{App, HttpServer, web};
+use rand::RngCore as _;
+use tracker_store::StoreError;
+use tracker_store::delivery_log::DeliveryLog;
+
+use crate::backend::{BackendError, EventStoreBackend};
+use crate::config::{Config, ConfigError, InstitutionScope, Secret, SourceConfig};
+use crate::metrics::Metrics;
+use crate::sources::Sources;
+use crate::state::AppState;
+use crate::{ops, webhook};
+
+/// The id of the source `serve` creates when none is configured.
+pub const DEV_SOURCE_ID: &str = "dev";
+const DEV_TOKEN_FILE: &str = "dev-source.token";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("delivery log: {0}")]
+    DeliveryLog(#[source] StoreError),
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sources: {0}")]
+    Sources(#[from] crate::signature::SignatureError),
+}
+
+/// How `start` behaves beyond the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct StartOptions {
+    /// Let SIGTERM/SIGINT stop the server gracefully (the binary); in-process
+    /// tests leave the process's signals alone.
+    pub handle_signals: bool,
+    /// HTTP worker threads; `None`: one per core.
+    pub workers: Option<usize>,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        Self {
+            handle_signals: true,
+            workers: None,
+        }
+    }
+}
+
+/// A running tracker.
+pub struct Running {
+    pub local_addr: SocketAddr,
+    /// The development source's webhook URL, when one was created.
+    pub dev_webhook_url: Option<String>,
+    handle: ServerHandle,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    backend: EventStoreBackend,
+    state: web::Data<AppState>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Running {
+    /// Waits until the server stops (a signal, or [`stop`](Self::stop)), then
+    /// closes the stores: nothing acknowledged is lost, because every answer
+    /// was sent after its event was durable.
+    pub async fn wait(self) -> std::io::Result<()> {
+        let served = match self.server.await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        if let Err(e) = self.state.deliveries.close().await {
+            tracing::error!(error = %e, "closing the delivery log");
+        }
+        if let Err(e) = self.backend.close().await {
+            tracing::error!(error = %e, "closing the event store");
+        }
+        tracing::info!("stopped");
+        served
+    }
+
+    /// Stops accepting, finishes in-flight requests (when `graceful`), then
+    /// closes the stores.
+    pub async fn stop(self, graceful: bool) -> std::io::Result<()> {
+        self.handle.stop(graceful).await;
+        self.wait().await
+    }
+
+    /// Stops the event store taking writes while HTTP goes on answering:
+    /// deliveries then get 503 and `/readyz` says so. For draining a node
+    /// before maintenance (and for testing that path).
+    pub async fn close_event_store(&self) -> Result<(), StoreError> {
+        self.backend.close().await
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+}
+
+/// Opens the stores and starts serving on `config.listen` (port 0 picks one).
+pub async fn start(config: Config, options: StartOptions) -> Result<Running, ServeError> {
+    let zone = config.timezone()?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::Io {
+        action: "creating data directory",
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+
+    let (source_configs, dev_token) = if config.sources.is_empty() {
+        let token = dev_token(&config.data_dir)?;
+        (
+            vec![SourceConfig {
+                id: DEV_SOURCE_ID.to_owned(),
+                token: token.clone(),
+                institutions: InstitutionScope::All,
+                signing_secret: None,
+            }],
+            Some(token),
+        )
+    } else {
+        (config.sources.clone(), None)
+    };
+
+    let backend = EventStoreBackend::open(&config)?;
+    let deliveries = DeliveryLog::open(config.data_dir.join("deliveries.sqlite"))
+        .map_err(ServeError::DeliveryLog)?;
+    let state = web::Data::new(AppState {
+        store: backend.event_store(),
+        deliveries,
+        sources: Sources::from_config(&source_configs)?,
+        zone,
+        body_limit: config.body_limit,
+        metrics: Arc::new(Metrics::new()),
+    });
+
+    let app_state = state.clone();
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_state.clone())
+            .service(
+                web::resource("/webhooks/toolzz/{token}")
+                    .route(web::post().to(webhook::receive))
+                    .default_service(web::to(webhook::method_not_allowed)),
+            )
+            .route("/healthz", web::get().to(ops::healthz))
+            .route("/readyz", web::get().to(ops::readyz))
+            .route("/metrics", web::get().to(ops::metrics))
+    })
+    .shutdown_timeout(config.shutdown_timeout_secs)
+    .client_request_timeout(Duration::from_secs(10));
+    if !options.handle_signals {
+        server = server.disable_signals();
+    }
+    if let Some(n) = options.workers {
+        server = server.workers(n.max(1));
+    }
+    let server = server
+        .bind(config.listen)
+        .map_err(|source| ServeError::Io {
+            action: "binding",
+            path: config.listen.to_string(),
+            source,
+        })?;
+    let local_addr = server.addrs().first().copied().unwrap_or(config.listen);
+    let server = server.run();
+    let handle = server.handle();
+    let server = tokio::spawn(server);
+
+    tracing::info!(%local_addr, data_dir = %config.data_dir.display(), timezone = %config.source_timezone, "listening");
+    let dev_webhook_url =
+        dev_token.map(|t| format!("http://{local_addr}/webhooks/toolzz/{}", t.expose()));
+    Ok(Running {
+        local_addr,
+        dev_webhook_url,
+        handle,
+        server,
+        backend,
+        state,
+    })
+}
+
+/// The development source's token, kept in the data directory so the URL
+/// stays the same across restarts.
+fn dev_token(data_dir: &Path) -> Result<Secret, ServeError> {
+    let path = data_dir.join(DEV_TOKEN_FILE);
+    let io = |action, source| ServeError::Io {
+        action,
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(existing) if existing.trim().len() >= 16 => return Ok(Secret::new(existing.trim())),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("reading", e)),
+    }
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = hex::encode(bytes);
+    write_private(&path, &token).map_err(|e| io("writing", e))?;
+    Ok(Secret::new(token))
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    std::fs::write(path, contents)
+}

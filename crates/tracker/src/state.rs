@@ -1,0 +1,20 @@
+//! What every handler shares.
+
+use std::sync::Arc;
+
+use tracker_domain::SourceTimeZone;
+use tracker_store::EventStore;
+use tracker_store::delivery_log::DeliveryLog;
+
+use crate::metrics::Metrics;
+use crate::sources::Sources;
+
+#[derive(Debug)]
+pub struct AppState {
+    pub store: Arc<dyn EventStore>,
+    pub deliveries: DeliveryLog,
+    pub sources: Sources,
+    pub zone: SourceTimeZone,
+    pub body_limit: usize,
+    pub metrics: Arc<Metrics>,
+}
