@@ -1,0 +1,9 @@
+//! End-to-end tests: the tracker driven from outside, over HTTP, in process
+//! and as a child process. One test binary for the whole suite.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod concurrency;
+mod durability;
+mod ops;
+mod support;
+mod webhook;
