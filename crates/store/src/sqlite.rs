@@ -102,6 +102,11 @@ pub struct SqliteOptions {
     pub max_idle_readers: usize,
     /// Events a subscription reads per query while catching up.
     pub subscription_batch: usize,
+    /// How often a caught-up subscription looks at the file even though
+    /// this process committed nothing: another process (a `tracker serve`
+    /// beside a `tracker project`) may append to the same file. Appends made
+    /// through this handle wake subscriptions at once.
+    pub poll_interval: Duration,
     /// How long the writer waits for a lock held by another process (an
     /// operator's sqlite3 session) before failing the group.
     pub busy_timeout: Duration,
@@ -114,6 +119,7 @@ impl Default for SqliteOptions {
             queue_capacity: 4096,
             max_idle_readers: 4,
             subscription_batch: 512,
+            poll_interval: Duration::from_millis(20),
             busy_timeout: sql::BUSY_TIMEOUT,
         }
     }
@@ -154,6 +160,7 @@ struct Inner {
     readers: Arc<ReadPool>,
     head: watch::Receiver<Position>,
     subscription_batch: usize,
+    poll_interval: Duration,
     counters: Arc<Counters>,
 }
 
@@ -205,6 +212,7 @@ impl SqliteEventStore {
                 stopped_cleanly,
                 head: head_rx,
                 subscription_batch: options.subscription_batch.max(1),
+                poll_interval: options.poll_interval.max(Duration::from_millis(1)),
                 counters,
             }),
         })
@@ -364,6 +372,7 @@ impl EventStore for SqliteEventStore {
             stopped_cleanly: Arc::clone(&self.inner.stopped_cleanly),
             next: from.max(1),
             batch: self.inner.subscription_batch,
+            poll_interval: self.inner.poll_interval,
             buffered: VecDeque::new(),
             writer_stopped: false,
             done: false,
@@ -464,6 +473,7 @@ struct Follow {
     /// The position of the next event to yield.
     next: Position,
     batch: usize,
+    poll_interval: Duration,
     buffered: VecDeque<RecordedEvent>,
     writer_stopped: bool,
     done: bool,
@@ -508,10 +518,13 @@ impl Follow {
                         Some(Err(writer_gone(&self.stopped_cleanly)))
                     };
                 }
-                if self.head.changed().await.is_err() {
+                match tokio::time::timeout(self.poll_interval, self.head.changed()).await {
+                    // Our writer committed, or it is time to look for
+                    // another process's appends.
+                    Ok(Ok(())) | Err(_) => {}
                     // The writer is gone; read once more for whatever it
                     // committed before going, then end.
-                    self.writer_stopped = true;
+                    Ok(Err(_)) => self.writer_stopped = true,
                 }
                 continue;
             }

@@ -474,3 +474,34 @@ proptest! {
         });
     }
 }
+
+/// `tracker project` follows a file that `tracker serve` (another process,
+/// another writer) appends to: a caught-up subscription must see appends it
+/// was never told about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_sees_appends_of_another_handle_on_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.sqlite");
+    let follower = SqliteEventStore::open(&path).unwrap();
+    let appender = SqliteEventStore::open(&path).unwrap();
+    let mut sub = follower.subscribe_all(1);
+    // Caught up on an empty log: nothing yet.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), sub.next())
+            .await
+            .is_err()
+    );
+    for n in 1..=3 {
+        appender
+            .append("s", ExpectedRevision::Any, vec![simple(n)])
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), sub.next())
+            .await
+            .expect("the follower saw the other handle's append")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.position, n);
+    }
+    assert_eq!(follower.head().await.unwrap(), 3);
+}
