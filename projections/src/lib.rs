@@ -1,4 +1,22 @@
-//! Projection workers and read models. Filled in by the projections work;
-//! for now this crate only fixes its place in the dependency graph
-//! (`domain` and `store` are leaves, `projections` depends on both).
+//! Projection workers and read models.
+//!
+//! Two projections, each with its own checkpoint and tables:
+//! - `institutions`: per-institution summary, trails, courses, daily activity;
+//! - `learners`: per-learner progress and one row per completion.
+//!
+//! [`plan`] holds the rules (pure), [`runner`] reads the log and applies
+//! batches, [`readstore`] is the port that SQLite ([`sqlite`]) and PostgreSQL
+//! implement, and [`replay`] rebuilds everything blue/green.
 #![forbid(unsafe_code)]
+
+pub mod model;
+pub mod plan;
+pub mod postgres;
+pub mod readstore;
+pub mod replay;
+pub mod runner;
+pub mod sqlite;
+
+pub use model::Completion;
+pub use plan::ProjectionKind;
+pub use readstore::{CheckpointKey, Partition, ReadStore, ReadStoreError};

@@ -1,0 +1,417 @@
+//! The pure core of the read models: what a batch of completions changes.
+//!
+//! A backend applies a batch in three steps inside one transaction:
+//! 1. [`membership_keys`]: the keys whose first appearance moves a distinct
+//!    count (a learner new to an institution, to a trail, to a course, to a
+//!    day; a trail or course new to an institution). The backend inserts them
+//!    and reports which were not there before.
+//! 2. [`plan`]: from the batch and those new keys, the rows to upsert, every
+//!    counter already coalesced per row (a batch of 10,000 completions of one
+//!    institution is one summary upsert, not 10,000).
+//! 3. The backend writes the plan, the dead letters and the checkpoint.
+//!
+//! Distinct counts only need how many keys are new per group, not which
+//! event brought them, so the result does not depend on the order of events
+//! inside a batch.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{DateTime, Utc};
+
+use crate::model::Completion;
+
+/// The read models, grouped by the projection that owns them. Each
+/// projection has its own checkpoint and its own tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProjectionKind {
+    /// Institution summary, trails, courses, daily activity.
+    Institutions,
+    /// Learners, their trails, and one row per completion.
+    Learners,
+}
+
+impl ProjectionKind {
+    pub const ALL: [ProjectionKind; 2] = [Self::Institutions, Self::Learners];
+
+    /// The checkpoint key.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Institutions => "institutions",
+            Self::Learners => "learners",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+/// Membership keys of one batch, deduplicated. Ids are the source's.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MembershipKeys {
+    /// (institution, user)
+    pub institution_learners: HashSet<(u64, u64)>,
+    /// (institution, trail)
+    pub institution_trails: HashSet<(u64, u64)>,
+    /// (institution, course)
+    pub institution_courses: HashSet<(u64, u64)>,
+    /// (institution, trail, user)
+    pub trail_learners: HashSet<(u64, u64, u64)>,
+    /// (institution, course, user)
+    pub course_learners: HashSet<(u64, u64, u64)>,
+    /// (institution, trail, course)
+    pub trail_courses: HashSet<(u64, u64, u64)>,
+    /// (institution, day, user)
+    pub day_learners: HashSet<(u64, String, u64)>,
+}
+
+impl MembershipKeys {
+    pub fn is_empty(&self) -> bool {
+        self.institution_learners.is_empty()
+            && self.institution_trails.is_empty()
+            && self.institution_courses.is_empty()
+            && self.trail_learners.is_empty()
+            && self.course_learners.is_empty()
+            && self.trail_courses.is_empty()
+            && self.day_learners.is_empty()
+    }
+}
+
+/// The keys of `batch` that matter to `kind`.
+pub fn membership_keys(kind: ProjectionKind, batch: &[Completion]) -> MembershipKeys {
+    let mut keys = MembershipKeys::default();
+    for c in batch {
+        let (i, u, t) = (c.institution_id, c.user_id, c.trail_id);
+        match kind {
+            ProjectionKind::Institutions => {
+                keys.institution_learners.insert((i, u));
+                keys.institution_trails.insert((i, t));
+                keys.trail_learners.insert((i, t, u));
+                keys.day_learners.insert((i, c.day.clone(), u));
+                for course in &c.courses {
+                    keys.institution_courses.insert((i, course.id));
+                    keys.course_learners.insert((i, course.id, u));
+                    keys.trail_courses.insert((i, t, course.id));
+                }
+            }
+            ProjectionKind::Learners => {
+                keys.trail_learners.insert((i, t, u));
+            }
+        }
+    }
+    keys
+}
+
+/// A value and the position that set it: the latest position wins, so
+/// "name (latest seen)" is the same whatever the batching.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Latest<T> {
+    pub value: T,
+    pub position: u64,
+}
+
+impl<T> Latest<T> {
+    fn offer(&mut self, value: T, position: u64) {
+        if position > self.position {
+            self.value = value;
+            self.position = position;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub first: DateTime<Utc>,
+    pub last: DateTime<Utc>,
+}
+
+impl Span {
+    fn at(t: DateTime<Utc>) -> Self {
+        Self { first: t, last: t }
+    }
+
+    fn widen(&mut self, t: DateTime<Utc>) {
+        self.first = self.first.min(t);
+        self.last = self.last.max(t);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SummaryDelta {
+    pub completions: u64,
+    pub new_learners: u64,
+    pub new_trails: u64,
+    pub new_courses: u64,
+    pub span: Span,
+    pub last_position: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrailDelta {
+    pub name: Latest<String>,
+    pub completions: u64,
+    pub new_learners: u64,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CourseDelta {
+    pub title: Latest<String>,
+    pub completions: u64,
+    pub new_learners: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DayDelta {
+    pub completions: u64,
+    pub new_learners: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LearnerDelta {
+    /// (name, email)
+    pub profile: Latest<(String, String)>,
+    pub completions: u64,
+    pub new_trails: u64,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LearnerTrailDelta {
+    pub completions: u64,
+    pub span: Span,
+}
+
+/// Everything one batch writes, keyed and ordered so that writes are
+/// deterministic (and lock rows in one order on PostgreSQL).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub summaries: BTreeMap<u64, SummaryDelta>,
+    pub trails: BTreeMap<(u64, u64), TrailDelta>,
+    pub courses: BTreeMap<(u64, u64), CourseDelta>,
+    pub days: BTreeMap<(u64, String), DayDelta>,
+    /// New (institution, trail, course) links.
+    pub trail_courses: Vec<(u64, u64, u64)>,
+    pub learners: BTreeMap<(u64, u64), LearnerDelta>,
+    pub learner_trails: BTreeMap<(u64, u64, u64), LearnerTrailDelta>,
+    /// Learners projection: one row per completion.
+    pub completions: Vec<Completion>,
+}
+
+/// What `batch` changes for `kind`, given which membership keys are new.
+/// `new` must be the subset of `membership_keys(kind, batch)` that was not
+/// recorded before this batch.
+pub fn plan(kind: ProjectionKind, batch: &[Completion], new: &MembershipKeys) -> Plan {
+    let mut p = Plan::default();
+    match kind {
+        ProjectionKind::Institutions => plan_institutions(batch, new, &mut p),
+        ProjectionKind::Learners => plan_learners(batch, new, &mut p),
+    }
+    p
+}
+
+fn plan_institutions(batch: &[Completion], new: &MembershipKeys, p: &mut Plan) {
+    for c in batch {
+        let (i, t, at) = (c.institution_id, c.trail_id, c.finished_at);
+        let s = p.summaries.entry(i).or_insert_with(|| SummaryDelta {
+            completions: 0,
+            new_learners: 0,
+            new_trails: 0,
+            new_courses: 0,
+            span: Span::at(at),
+            last_position: 0,
+        });
+        s.completions += 1;
+        s.span.widen(at);
+        s.last_position = s.last_position.max(c.position);
+
+        let trail = p.trails.entry((i, t)).or_insert_with(|| TrailDelta {
+            name: Latest {
+                value: c.trail_name.clone(),
+                position: c.position,
+            },
+            completions: 0,
+            new_learners: 0,
+            span: Span::at(at),
+        });
+        trail.name.offer(c.trail_name.clone(), c.position);
+        trail.completions += 1;
+        trail.span.widen(at);
+
+        let day = p.days.entry((i, c.day.clone())).or_insert(DayDelta {
+            completions: 0,
+            new_learners: 0,
+        });
+        day.completions += 1;
+
+        // A course listed twice in one trail counts once for this completion.
+        let mut seen = HashSet::new();
+        for course in c.courses.iter().filter(|course| seen.insert(course.id)) {
+            let d = p
+                .courses
+                .entry((i, course.id))
+                .or_insert_with(|| CourseDelta {
+                    title: Latest {
+                        value: course.title.clone(),
+                        position: c.position,
+                    },
+                    completions: 0,
+                    new_learners: 0,
+                });
+            d.title.offer(course.title.clone(), c.position);
+            d.completions += 1;
+        }
+    }
+    for (i, _) in &new.institution_learners {
+        if let Some(s) = p.summaries.get_mut(i) {
+            s.new_learners += 1;
+        }
+    }
+    for (i, _) in &new.institution_trails {
+        if let Some(s) = p.summaries.get_mut(i) {
+            s.new_trails += 1;
+        }
+    }
+    for (i, _) in &new.institution_courses {
+        if let Some(s) = p.summaries.get_mut(i) {
+            s.new_courses += 1;
+        }
+    }
+    for (i, t, _) in &new.trail_learners {
+        if let Some(d) = p.trails.get_mut(&(*i, *t)) {
+            d.new_learners += 1;
+        }
+    }
+    for (i, course, _) in &new.course_learners {
+        if let Some(d) = p.courses.get_mut(&(*i, *course)) {
+            d.new_learners += 1;
+        }
+    }
+    for (i, day, _) in &new.day_learners {
+        if let Some(d) = p.days.get_mut(&(*i, day.clone())) {
+            d.new_learners += 1;
+        }
+    }
+    p.trail_courses = new.trail_courses.iter().copied().collect();
+    p.trail_courses.sort_unstable();
+}
+
+fn plan_learners(batch: &[Completion], new: &MembershipKeys, p: &mut Plan) {
+    for c in batch {
+        let (i, u, t, at) = (c.institution_id, c.user_id, c.trail_id, c.finished_at);
+        let l = p.learners.entry((i, u)).or_insert_with(|| LearnerDelta {
+            profile: Latest {
+                value: (c.user_name.clone(), c.user_email.clone()),
+                position: c.position,
+            },
+            completions: 0,
+            new_trails: 0,
+            span: Span::at(at),
+        });
+        l.profile
+            .offer((c.user_name.clone(), c.user_email.clone()), c.position);
+        l.completions += 1;
+        l.span.widen(at);
+
+        let lt = p
+            .learner_trails
+            .entry((i, u, t))
+            .or_insert_with(|| LearnerTrailDelta {
+                completions: 0,
+                span: Span::at(at),
+            });
+        lt.completions += 1;
+        lt.span.widen(at);
+        p.completions.push(c.clone());
+    }
+    for (i, _, u) in &new.trail_learners {
+        if let Some(l) = p.learners.get_mut(&(*i, *u)) {
+            l.new_trails += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::completion;
+
+    fn all_new(kind: ProjectionKind, batch: &[Completion]) -> MembershipKeys {
+        membership_keys(kind, batch)
+    }
+
+    #[test]
+    fn recompletion_adds_a_completion_not_a_learner_or_trail() {
+        let batch = vec![
+            completion(1, 10, 100, 5, "2024-01-01 10:00:00", &[7, 8]),
+            completion(2, 10, 100, 5, "2024-02-01 10:00:00", &[7, 8]),
+        ];
+        let p = plan(
+            ProjectionKind::Institutions,
+            &batch,
+            &all_new(ProjectionKind::Institutions, &batch),
+        );
+        let s = &p.summaries[&10];
+        assert_eq!(
+            (s.completions, s.new_learners, s.new_trails, s.new_courses),
+            (2, 1, 1, 2)
+        );
+        let t = &p.trails[&(10, 5)];
+        assert_eq!((t.completions, t.new_learners), (2, 1));
+        assert_eq!(p.courses[&(10, 7)].completions, 2);
+        assert_eq!(p.courses[&(10, 7)].new_learners, 1);
+        assert_eq!(p.days.len(), 2);
+
+        let p = plan(
+            ProjectionKind::Learners,
+            &batch,
+            &all_new(ProjectionKind::Learners, &batch),
+        );
+        let l = &p.learners[&(10, 100)];
+        assert_eq!((l.completions, l.new_trails), (2, 1));
+        assert_eq!(p.completions.len(), 2);
+    }
+
+    #[test]
+    fn latest_name_wins_by_position_not_by_batch_order() {
+        let mut a = completion(5, 1, 1, 1, "2024-01-01 10:00:00", &[]);
+        a.trail_name = "new name".into();
+        let mut b = completion(3, 1, 2, 1, "2024-01-02 10:00:00", &[]);
+        b.trail_name = "old name".into();
+        let batch = vec![a, b];
+        let p = plan(
+            ProjectionKind::Institutions,
+            &batch,
+            &MembershipKeys::default(),
+        );
+        assert_eq!(p.trails[&(1, 1)].name.value, "new name");
+        assert_eq!(p.trails[&(1, 1)].name.position, 5);
+    }
+
+    #[test]
+    fn known_members_do_not_count_again() {
+        let batch = vec![completion(9, 1, 1, 1, "2024-01-01 10:00:00", &[3])];
+        let p = plan(
+            ProjectionKind::Institutions,
+            &batch,
+            &MembershipKeys::default(),
+        );
+        let s = &p.summaries[&1];
+        assert_eq!(
+            (s.completions, s.new_learners, s.new_trails, s.new_courses),
+            (1, 0, 0, 0)
+        );
+        assert!(p.trail_courses.is_empty());
+    }
+
+    #[test]
+    fn a_course_listed_twice_counts_once() {
+        let batch = vec![completion(1, 1, 1, 1, "2024-01-01 10:00:00", &[3, 3])];
+        let p = plan(
+            ProjectionKind::Institutions,
+            &batch,
+            &all_new(ProjectionKind::Institutions, &batch),
+        );
+        assert_eq!(p.courses[&(1, 3)].completions, 1);
+    }
+}

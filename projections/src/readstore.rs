@@ -1,0 +1,197 @@
+//! The read-store port: where projections keep their rows, checkpoints, dead
+//! letters and leases. SQLite (embedded default) and PostgreSQL implement it
+//! and give identical read models for the same events.
+//!
+//! **Generations.** All read-model tables live in a generation (a SQLite file,
+//! a PostgreSQL schema). One generation is *current*: the one queries read and
+//! live projectors write. `tracker replay` builds a new generation from
+//! position 0 beside the current one and switches the pointer atomically when
+//! it has caught up (blue/green). A live projector notices the switch at its
+//! next batch and carries on in the new generation from its checkpoint there.
+//!
+//! **Checkpoints** are written in the same transaction as the rows they cover.
+//! **Leases** live in the generation too, so the lease check (fencing) is part
+//! of that same transaction: a projector that lost its lease cannot write.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tracker_store::Position;
+use uuid::Uuid;
+
+use crate::model::Completion;
+use crate::plan::ProjectionKind;
+
+/// Which share of the institutions a worker projects: those with
+/// `institution_id % count == index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Partition {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Partition {
+    pub const WHOLE: Partition = Partition { index: 0, count: 1 };
+
+    /// `i/n`, with `i < n`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (i, n) = text
+            .split_once('/')
+            .ok_or_else(|| format!("partition {text:?}: expected i/n, e.g. 0/2"))?;
+        let index: u32 = i
+            .trim()
+            .parse()
+            .map_err(|_| format!("partition {text:?}: {i:?} is not a number"))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("partition {text:?}: {n:?} is not a number"))?;
+        if count == 0 || index >= count {
+            return Err(format!("partition {text:?}: need 0 <= i < n"));
+        }
+        Ok(Self { index, count })
+    }
+
+    pub fn owns(&self, institution_id: u64) -> bool {
+        institution_id % u64::from(self.count) == u64::from(self.index)
+    }
+}
+
+impl fmt::Display for Partition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// A projection's checkpoint key: its name, and the partition when the work
+/// is split (`institutions`, `institutions@1/2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CheckpointKey {
+    pub projection: ProjectionKind,
+    pub partition: Partition,
+}
+
+impl CheckpointKey {
+    pub fn whole(projection: ProjectionKind) -> Self {
+        Self {
+            projection,
+            partition: Partition::WHOLE,
+        }
+    }
+}
+
+impl fmt::Display for CheckpointKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.partition == Partition::WHOLE {
+            f.write_str(self.projection.name())
+        } else {
+            write!(f, "{}@{}", self.projection.name(), self.partition)
+        }
+    }
+}
+
+/// An event a projection could not apply, kept with why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeadLetter {
+    pub projection: String,
+    pub position: Position,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub error: String,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// Who holds a lease: one per projector process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder(pub String);
+
+impl LeaseHolder {
+    pub fn new_random() -> Self {
+        Self(Uuid::new_v4().to_string())
+    }
+}
+
+/// A canonical dump of every read-model row, for comparing stores and
+/// rebuilds. Rows are sorted; values are rendered the same on every backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
+    pub tables: Vec<(String, Vec<Vec<String>>)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadStoreError {
+    #[error("read store: {0}")]
+    Storage(String),
+    #[error("lease {0} is held by another projector (or expired): this projector must not write")]
+    LeaseLost(String),
+    #[error("the current read-model generation changed from {from} to {to}")]
+    GenerationChanged { from: String, to: String },
+    #[error("read store schema: {0}")]
+    Schema(String),
+}
+
+/// One batch for [`ReadStore::apply`].
+#[derive(Debug, Clone)]
+pub struct ApplyBatch {
+    pub key: CheckpointKey,
+    /// Decoded completions of this partition, in position order.
+    pub completions: Vec<Completion>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// Every event up to here was seen (applied, skipped or dead-lettered).
+    pub through: Position,
+    /// The lease the writer must hold (renewed by the same transaction).
+    pub lease: Option<(LeaseHolder, Duration)>,
+}
+
+#[async_trait]
+pub trait ReadStore: Send + Sync + fmt::Debug {
+    /// The generation this handle reads and writes.
+    fn generation(&self) -> String;
+
+    /// Where `key` stands. A partition with no checkpoint of its own starts
+    /// where the whole projection stands (e.g. after a replay).
+    async fn checkpoint(&self, key: CheckpointKey) -> Result<Position, ReadStoreError>;
+
+    /// Applies a batch and moves the checkpoint to `through`, in one
+    /// transaction. Events at or below the stored checkpoint are skipped, so
+    /// a redelivered batch changes nothing. Fails with `LeaseLost` when the
+    /// lease is not held, and (for a handle following the current
+    /// generation) `GenerationChanged` when a rebuild switched generations.
+    async fn apply(&self, batch: ApplyBatch) -> Result<(), ReadStoreError>;
+
+    /// Takes or renews the lease `name` for `ttl`; false when another holder
+    /// has it.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<bool, ReadStoreError>;
+
+    async fn release_lease(&self, name: &str, holder: &LeaseHolder) -> Result<(), ReadStoreError>;
+
+    /// Every checkpoint of this generation.
+    async fn checkpoints(&self) -> Result<Vec<(String, Position)>, ReadStoreError>;
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, ReadStoreError>;
+
+    async fn dead_letter_count(&self) -> Result<u64, ReadStoreError>;
+
+    /// A canonical dump of the read-model tables (not checkpoints or leases).
+    async fn snapshot(&self) -> Result<Snapshot, ReadStoreError>;
+
+    /// Re-reads the current-generation pointer and, if it moved, points this
+    /// handle at the new generation. Returns whether it moved.
+    async fn follow_current(&self) -> Result<bool, ReadStoreError>;
+
+    /// Creates a new, empty generation and returns a handle that writes to
+    /// it whatever the current pointer says.
+    async fn create_generation(&self) -> Result<Box<dyn ReadStore>, ReadStoreError>;
+
+    /// Makes `generation` current (atomically), and drops generations older
+    /// than the one it replaces.
+    async fn switch_to(&self, generation: &str) -> Result<(), ReadStoreError>;
+}

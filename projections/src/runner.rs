@@ -1,0 +1,330 @@
+//! The projection runner: reads the log from a checkpoint, batches, applies,
+//! retries, and follows the live log. A projection only says what it wants
+//! ([`Completion::EVENT_TYPES`]) and how to apply a batch (the read store's
+//! `apply`, driven by [`crate::plan`]).
+//!
+//! Delivery is at least once (after a crash the runner re-reads from the
+//! last checkpoint); the effect is exactly once because the checkpoint is
+//! written in the same transaction as the rows and `apply` skips anything at
+//! or below it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::{FutureExt as _, StreamExt as _};
+use tokio::sync::watch;
+use tracker_store::{EventStore, Position, RecordedEvent};
+
+use crate::model::Completion;
+use crate::plan::ProjectionKind;
+use crate::readstore::{
+    ApplyBatch, CheckpointKey, DeadLetter, LeaseHolder, Partition, ReadStore, ReadStoreError,
+};
+
+/// What to do with an event that cannot be applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnError {
+    /// Record it in the dead letters and go on (the default).
+    #[default]
+    DeadLetter,
+    /// Stop the projection before the event, so it can be fixed first.
+    Stop,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    pub partition: Partition,
+    /// Most events in one transaction.
+    pub batch_size: usize,
+    pub on_error: OnError,
+    /// `Some`: hold a lease on the checkpoint key, so two projectors of the
+    /// same partition never write at once (the second waits).
+    pub lease: Option<(LeaseHolder, Duration)>,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            partition: Partition::WHOLE,
+            batch_size: 5_000,
+            on_error: OnError::DeadLetter,
+            lease: Some((LeaseHolder::new_random(), Duration::from_secs(15))),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("projection {key} stopped at position {position}: {error} (--on-error stop)")]
+    Halted {
+        key: String,
+        position: Position,
+        error: String,
+    },
+}
+
+/// One projection (one checkpoint key) kept up to date.
+#[derive(Debug)]
+pub struct Runner {
+    events: Arc<dyn EventStore>,
+    read: Arc<dyn ReadStore>,
+    key: CheckpointKey,
+    config: RunnerConfig,
+}
+
+enum Step {
+    /// Start over from the stored checkpoint (lease lost, generation changed,
+    /// subscription failed).
+    Restart,
+    Stop,
+}
+
+impl Runner {
+    pub fn new(
+        events: Arc<dyn EventStore>,
+        read: Arc<dyn ReadStore>,
+        projection: ProjectionKind,
+        config: RunnerConfig,
+    ) -> Self {
+        Self {
+            events,
+            read,
+            key: CheckpointKey {
+                projection,
+                partition: config.partition,
+            },
+            config,
+        }
+    }
+
+    pub fn key(&self) -> CheckpointKey {
+        self.key
+    }
+
+    /// Runs until `shutdown` turns true (returns Ok) or `--on-error stop`
+    /// halts it. Store failures are retried with backoff, never fatal.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), RunnerError> {
+        let mut backoff = Backoff::default();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            match self.session(&mut shutdown, &mut backoff).await {
+                Ok(Step::Stop) => break,
+                Ok(Step::Restart) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some((holder, _)) = &self.config.lease
+            && let Err(e) = self.read.release_lease(&self.key.to_string(), holder).await
+        {
+            tracing::warn!(key = %self.key, error = %e, "could not release lease");
+        }
+        Ok(())
+    }
+
+    /// Takes the lease, then projects from the checkpoint until something
+    /// says start over or stop.
+    async fn session(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+        backoff: &mut Backoff,
+    ) -> Result<Step, RunnerError> {
+        if let Err(e) = self.read.follow_current().await {
+            tracing::warn!(key = %self.key, error = %e, "reading the current generation");
+            return Ok(self.pause(shutdown, backoff.next()).await);
+        }
+        if let Some((holder, ttl)) = &self.config.lease {
+            match self
+                .read
+                .acquire_lease(&self.key.to_string(), holder, *ttl)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(key = %self.key, "another projector holds the lease; waiting");
+                    return Ok(self.pause(shutdown, *ttl / 3).await);
+                }
+                Err(e) => {
+                    tracing::warn!(key = %self.key, error = %e, "taking the lease");
+                    return Ok(self.pause(shutdown, backoff.next()).await);
+                }
+            }
+        }
+        let checkpoint = match self.read.checkpoint(self.key).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(key = %self.key, error = %e, "reading the checkpoint");
+                return Ok(self.pause(shutdown, backoff.next()).await);
+            }
+        };
+        tracing::info!(key = %self.key, generation = %self.read.generation(), checkpoint, "projecting");
+        let mut subscription = self.events.subscribe_all(checkpoint + 1);
+        let renew_every = self
+            .config
+            .lease
+            .as_ref()
+            .map(|(_, ttl)| *ttl / 3)
+            .unwrap_or(Duration::from_secs(3600));
+        loop {
+            // Wait for the first event, renewing the lease while idle.
+            let first = tokio::select! {
+                _ = shutdown.changed() => return Ok(Step::Stop),
+                item = subscription.next() => item,
+                _ = tokio::time::sleep(renew_every) => {
+                    if !self.renew_lease().await || self.generation_moved().await {
+                        return Ok(Step::Restart);
+                    }
+                    continue;
+                }
+            };
+            let mut events = Vec::with_capacity(64);
+            match first {
+                None => return Ok(Step::Stop),
+                Some(Err(e)) => {
+                    tracing::warn!(key = %self.key, error = %e, "event subscription failed");
+                    return Ok(self.pause(shutdown, backoff.next()).await);
+                }
+                Some(Ok(e)) => events.push(e),
+            }
+            // Take whatever else is ready, without waiting: large batches
+            // while catching up, small ones (low latency) when live.
+            while events.len() < self.config.batch_size {
+                match subscription.next().now_or_never() {
+                    Some(Some(Ok(e))) => events.push(e),
+                    _ => break,
+                }
+            }
+            match self.apply(events).await {
+                Ok(()) => backoff.reset(),
+                Err(Applied::Restart) => return Ok(Step::Restart),
+                Err(Applied::Halt(e)) => return Err(e),
+                Err(Applied::Retry(e)) => {
+                    tracing::warn!(key = %self.key, error = %e, "applying a batch failed; retrying from the checkpoint");
+                    return Ok(self.pause(shutdown, backoff.next()).await);
+                }
+            }
+        }
+    }
+
+    async fn apply(&self, events: Vec<RecordedEvent>) -> Result<(), Applied> {
+        let Some(through) = events.last().map(|e| e.position) else {
+            return Ok(());
+        };
+        let mut completions = Vec::with_capacity(events.len());
+        let mut dead_letters = Vec::new();
+        let mut halt = None;
+        for event in &events {
+            if !Completion::wants(event) {
+                continue;
+            }
+            match Completion::decode(event) {
+                Ok(c) if self.key.partition.owns(c.institution_id) => completions.push(c),
+                Ok(_) => {}
+                Err(e) if self.config.on_error == OnError::Stop => {
+                    halt = Some((event.position, e.0));
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(key = %self.key, position = event.position, error = %e, "dead letter");
+                    dead_letters.push(DeadLetter {
+                        projection: self.key.projection.name().to_owned(),
+                        position: event.position,
+                        event_id: event.id,
+                        event_type: event.event_type.clone(),
+                        error: e.0,
+                        recorded_at: Utc::now(),
+                    });
+                }
+            }
+        }
+        let through = match &halt {
+            Some((position, _)) => position - 1,
+            None => through,
+        };
+        let batch = ApplyBatch {
+            key: self.key,
+            completions,
+            dead_letters,
+            through,
+            lease: self.config.lease.clone(),
+        };
+        match self.read.apply(batch).await {
+            Ok(()) => {}
+            Err(ReadStoreError::LeaseLost(_)) | Err(ReadStoreError::GenerationChanged { .. }) => {
+                return Err(Applied::Restart);
+            }
+            Err(e) => return Err(Applied::Retry(e)),
+        }
+        match halt {
+            Some((position, error)) => Err(Applied::Halt(RunnerError::Halted {
+                key: self.key.to_string(),
+                position,
+                error,
+            })),
+            None => Ok(()),
+        }
+    }
+
+    async fn renew_lease(&self) -> bool {
+        let Some((holder, ttl)) = &self.config.lease else {
+            return true;
+        };
+        match self
+            .read
+            .acquire_lease(&self.key.to_string(), holder, *ttl)
+            .await
+        {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(key = %self.key, error = %e, "renewing the lease");
+                false
+            }
+        }
+    }
+
+    async fn generation_moved(&self) -> bool {
+        let before = self.read.generation();
+        match self.read.follow_current().await {
+            Ok(moved) => {
+                if moved {
+                    tracing::info!(key = %self.key, from = %before, to = %self.read.generation(), "read models rebuilt; following the new generation");
+                }
+                moved
+            }
+            Err(_) => false,
+        }
+    }
+
+    async fn pause(&self, shutdown: &mut watch::Receiver<bool>, wait: Duration) -> Step {
+        tokio::select! {
+            _ = shutdown.changed() => Step::Stop,
+            _ = tokio::time::sleep(wait) => Step::Restart,
+        }
+    }
+}
+
+enum Applied {
+    Restart,
+    Retry(ReadStoreError),
+    Halt(RunnerError),
+}
+
+/// 50 ms doubling to 5 s.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let ms = 50u64.saturating_mul(1 << self.failures.min(7));
+        self.failures = self.failures.saturating_add(1);
+        Duration::from_millis(ms.min(5_000))
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}

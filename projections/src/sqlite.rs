@@ -1,0 +1,1026 @@
+//! The embedded read store: one SQLite file per generation
+//! (`readmodels/<generation>.sqlite`) and `readmodels/control.sqlite`, which
+//! names the current generation.
+//!
+//! Ids are the source's `u64`s stored in SQLite's signed 64-bit integers bit
+//! for bit (`as i64`): every id round-trips exactly; ids above 2^63-1, which
+//! no real platform issues, would sort before small ones.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use tracker_store::Position;
+
+use crate::model::Completion;
+use crate::plan::{MembershipKeys, Plan, ProjectionKind, membership_keys, plan};
+use crate::readstore::{
+    ApplyBatch, CheckpointKey, DeadLetter, LeaseHolder, ReadStore, ReadStoreError, Snapshot,
+};
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Schema of a generation file; `PRAGMA user_version` counts what is applied.
+const GENERATION_MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE checkpoints (
+    key      TEXT PRIMARY KEY,
+    position INTEGER NOT NULL
+);
+CREATE TABLE dead_letters (
+    projection  TEXT    NOT NULL,
+    position    INTEGER NOT NULL,
+    event_id    TEXT    NOT NULL,
+    event_type  TEXT    NOT NULL,
+    error       TEXT    NOT NULL,
+    recorded_at TEXT    NOT NULL,
+    PRIMARY KEY (projection, position)
+);
+CREATE TABLE leases (
+    name       TEXT PRIMARY KEY,
+    holder     TEXT    NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+
+-- institutions projection
+CREATE TABLE inst_summary (
+    institution_id     INTEGER PRIMARY KEY,
+    completions        INTEGER NOT NULL,
+    learners           INTEGER NOT NULL,
+    trails             INTEGER NOT NULL,
+    courses            INTEGER NOT NULL,
+    first_completed_at TEXT    NOT NULL,
+    last_completed_at  TEXT    NOT NULL,
+    last_position      INTEGER NOT NULL
+);
+CREATE TABLE inst_trails (
+    institution_id     INTEGER NOT NULL,
+    trail_id           INTEGER NOT NULL,
+    name               TEXT    NOT NULL,
+    name_position      INTEGER NOT NULL,
+    completions        INTEGER NOT NULL,
+    learners           INTEGER NOT NULL,
+    first_completed_at TEXT    NOT NULL,
+    last_completed_at  TEXT    NOT NULL,
+    PRIMARY KEY (institution_id, trail_id)
+) WITHOUT ROWID;
+CREATE TABLE inst_courses (
+    institution_id INTEGER NOT NULL,
+    course_id      INTEGER NOT NULL,
+    title          TEXT    NOT NULL,
+    title_position INTEGER NOT NULL,
+    completions    INTEGER NOT NULL,
+    learners       INTEGER NOT NULL,
+    PRIMARY KEY (institution_id, course_id)
+) WITHOUT ROWID;
+CREATE TABLE inst_trail_courses (
+    institution_id INTEGER NOT NULL,
+    trail_id       INTEGER NOT NULL,
+    course_id      INTEGER NOT NULL,
+    PRIMARY KEY (institution_id, trail_id, course_id)
+) WITHOUT ROWID;
+CREATE INDEX inst_trail_courses_by_course ON inst_trail_courses (institution_id, course_id, trail_id);
+CREATE TABLE inst_daily (
+    institution_id INTEGER NOT NULL,
+    day            TEXT    NOT NULL,
+    completions    INTEGER NOT NULL,
+    learners       INTEGER NOT NULL,
+    PRIMARY KEY (institution_id, day)
+) WITHOUT ROWID;
+CREATE TABLE inst_m_learners (institution_id INTEGER NOT NULL, user_id INTEGER NOT NULL,
+    PRIMARY KEY (institution_id, user_id)) WITHOUT ROWID;
+CREATE TABLE inst_m_trails (institution_id INTEGER NOT NULL, trail_id INTEGER NOT NULL,
+    PRIMARY KEY (institution_id, trail_id)) WITHOUT ROWID;
+CREATE TABLE inst_m_courses (institution_id INTEGER NOT NULL, course_id INTEGER NOT NULL,
+    PRIMARY KEY (institution_id, course_id)) WITHOUT ROWID;
+CREATE TABLE inst_m_trail_learners (institution_id INTEGER NOT NULL, trail_id INTEGER NOT NULL,
+    user_id INTEGER NOT NULL, PRIMARY KEY (institution_id, trail_id, user_id)) WITHOUT ROWID;
+CREATE TABLE inst_m_course_learners (institution_id INTEGER NOT NULL, course_id INTEGER NOT NULL,
+    user_id INTEGER NOT NULL, PRIMARY KEY (institution_id, course_id, user_id)) WITHOUT ROWID;
+CREATE TABLE inst_m_day_learners (institution_id INTEGER NOT NULL, day TEXT NOT NULL,
+    user_id INTEGER NOT NULL, PRIMARY KEY (institution_id, day, user_id)) WITHOUT ROWID;
+
+-- learners projection
+CREATE TABLE lrn_learners (
+    institution_id     INTEGER NOT NULL,
+    user_id            INTEGER NOT NULL,
+    name               TEXT    NOT NULL,
+    email              TEXT    NOT NULL,
+    profile_position   INTEGER NOT NULL,
+    trails             INTEGER NOT NULL,
+    completions        INTEGER NOT NULL,
+    first_completed_at TEXT    NOT NULL,
+    last_completed_at  TEXT    NOT NULL,
+    PRIMARY KEY (institution_id, user_id)
+) WITHOUT ROWID;
+CREATE TABLE lrn_learner_trails (
+    institution_id     INTEGER NOT NULL,
+    user_id            INTEGER NOT NULL,
+    trail_id           INTEGER NOT NULL,
+    completions        INTEGER NOT NULL,
+    first_completed_at TEXT    NOT NULL,
+    last_completed_at  TEXT    NOT NULL,
+    PRIMARY KEY (institution_id, user_id, trail_id)
+) WITHOUT ROWID;
+CREATE INDEX lrn_learner_trails_by_trail ON lrn_learner_trails (institution_id, trail_id, user_id);
+CREATE TABLE lrn_completions (
+    position        INTEGER PRIMARY KEY,
+    event_id        TEXT    NOT NULL UNIQUE,
+    institution_id  INTEGER NOT NULL,
+    user_id         INTEGER NOT NULL,
+    trail_id        INTEGER NOT NULL,
+    trail_name      TEXT    NOT NULL,
+    finished_at_raw TEXT    NOT NULL,
+    finished_at     TEXT    NOT NULL,
+    day             TEXT    NOT NULL,
+    courses         TEXT    NOT NULL
+);
+CREATE INDEX lrn_completions_by_time ON lrn_completions (institution_id, finished_at, position);
+CREATE INDEX lrn_completions_by_user ON lrn_completions (institution_id, user_id, position);
+CREATE INDEX lrn_completions_by_trail ON lrn_completions (institution_id, trail_id, position);
+CREATE TABLE lrn_m_trail_learners (institution_id INTEGER NOT NULL, trail_id INTEGER NOT NULL,
+    user_id INTEGER NOT NULL, PRIMARY KEY (institution_id, trail_id, user_id)) WITHOUT ROWID;
+"#];
+
+const CONTROL_MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE generations (
+    name       TEXT PRIMARY KEY,
+    number     INTEGER NOT NULL UNIQUE,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE current_generation (
+    id   INTEGER PRIMARY KEY CHECK (id = 1),
+    name TEXT NOT NULL REFERENCES generations (name)
+);
+"#];
+
+/// The read-model tables in a snapshot, with their sort keys.
+pub(crate) const SNAPSHOT_TABLES: &[(&str, &str)] = &[
+    ("inst_summary", "institution_id"),
+    ("inst_trails", "institution_id, trail_id"),
+    ("inst_courses", "institution_id, course_id"),
+    ("inst_trail_courses", "institution_id, trail_id, course_id"),
+    ("inst_daily", "institution_id, day"),
+    ("lrn_learners", "institution_id, user_id"),
+    ("lrn_learner_trails", "institution_id, user_id, trail_id"),
+    ("lrn_completions", "position"),
+];
+
+fn storage(e: impl std::fmt::Display) -> ReadStoreError {
+    ReadStoreError::Storage(e.to_string())
+}
+
+/// The source's ids, bit for bit, in SQLite's integers.
+pub fn sql_id(id: u64) -> i64 {
+    id as i64
+}
+
+pub fn from_sql_id(id: i64) -> u64 {
+    id as u64
+}
+
+pub fn sql_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+pub(crate) fn sql_position(p: Position) -> Result<i64, ReadStoreError> {
+    i64::try_from(p).map_err(|_| storage(format!("position {p} out of range")))
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn open(path: &Path, migrations: &[&str]) -> Result<Connection, ReadStoreError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| storage(format!("creating {}: {e}", parent.display())))?;
+    }
+    let mut conn =
+        Connection::open(path).map_err(|e| storage(format!("opening {}: {e}", path.display())))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(storage)?;
+    // Read models can be rebuilt from the event log; NORMAL still never
+    // corrupts, it may only lose the last commits on power loss, which the
+    // checkpoint (in the same transaction) then replays.
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(storage)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    // Several processes may open the same files at once (`serve` and
+    // `project` starting together): read the version and migrate under the
+    // write lock, so exactly one of them migrates.
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(storage)?;
+    let applied: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(storage)?;
+    let applied = usize::try_from(applied).unwrap_or(usize::MAX);
+    if applied > migrations.len() {
+        return Err(ReadStoreError::Schema(format!(
+            "{} has schema version {applied}, newer than this build knows ({})",
+            path.display(),
+            migrations.len()
+        )));
+    }
+    for sql in migrations.iter().skip(applied) {
+        tx.execute_batch(sql).map_err(storage)?;
+    }
+    tx.pragma_update(None, "user_version", migrations.len() as i64)
+        .map_err(storage)?;
+    tx.commit().map_err(storage)?;
+    Ok(conn)
+}
+
+struct State {
+    generation: String,
+    conn: Connection,
+}
+
+/// The embedded read store. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteReadStore {
+    dir: PathBuf,
+    state: Arc<Mutex<State>>,
+    control: Arc<Mutex<Connection>>,
+    /// A handle that follows the current pointer (live projector, queries);
+    /// a rebuild's handle stays on its own generation.
+    follows_current: bool,
+}
+
+impl std::fmt::Debug for SqliteReadStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteReadStore")
+            .field("dir", &self.dir)
+            .field("follows_current", &self.follows_current)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteReadStore {
+    /// Opens the read store in `dir` (creating it, and a first generation,
+    /// if needed), on the current generation.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, ReadStoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        let mut control = open(&dir.join("control.sqlite"), CONTROL_MIGRATIONS)?;
+        // Under the write lock, so two processes opening a new directory
+        // agree on one first generation.
+        let tx = control
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(storage)?;
+        let generation = match current_generation(&tx)? {
+            Some(g) => g,
+            None => {
+                let g = new_generation_name(&tx)?;
+                tx.execute(
+                    "INSERT INTO current_generation (id, name) VALUES (1, ?1)",
+                    [&g],
+                )
+                .map_err(storage)?;
+                g
+            }
+        };
+        tx.commit().map_err(storage)?;
+        let conn = open(&generation_path(&dir, &generation), GENERATION_MIGRATIONS)?;
+        Ok(Self {
+            dir,
+            state: Arc::new(Mutex::new(State { generation, conn })),
+            control: Arc::new(Mutex::new(control)),
+            follows_current: true,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Runs `f` on this handle's generation connection on a blocking thread.
+    pub async fn with_conn<T, F>(&self, f: F) -> Result<T, ReadStoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &str) -> Result<T, ReadStoreError> + Send + 'static,
+    {
+        let state = Arc::clone(&self.state);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = lock(&state)?;
+            let State { generation, conn } = &mut *guard;
+            f(conn, generation)
+        })
+        .await
+        .map_err(|e| storage(format!("read store task failed: {e}")))?
+    }
+
+    async fn with_control<T, F>(&self, f: F) -> Result<T, ReadStoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, ReadStoreError> + Send + 'static,
+    {
+        let control = Arc::clone(&self.control);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = control
+                .lock()
+                .map_err(|_| storage("control connection lock poisoned"))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| storage(format!("read store task failed: {e}")))?
+    }
+}
+
+fn lock(state: &Mutex<State>) -> Result<MutexGuard<'_, State>, ReadStoreError> {
+    state
+        .lock()
+        .map_err(|_| storage("read store connection lock poisoned"))
+}
+
+fn generation_path(dir: &Path, generation: &str) -> PathBuf {
+    dir.join(format!("{generation}.sqlite"))
+}
+
+fn current_generation(control: &Connection) -> Result<Option<String>, ReadStoreError> {
+    control
+        .query_row(
+            "SELECT name FROM current_generation WHERE id = 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(storage)
+}
+
+/// Registers and returns the next generation's name (`g1`, `g2`, ...).
+fn new_generation_name(control: &Connection) -> Result<String, ReadStoreError> {
+    let next: i64 = control
+        .query_row(
+            "SELECT COALESCE(MAX(number), 0) + 1 FROM generations",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(storage)?;
+    let name = format!("g{next}");
+    control
+        .execute(
+            "INSERT INTO generations (name, number, created_at) VALUES (?1, ?2, ?3)",
+            params![name, next, sql_time(Utc::now())],
+        )
+        .map_err(storage)?;
+    Ok(name)
+}
+
+fn read_checkpoint(conn: &Connection, key: CheckpointKey) -> Result<Position, ReadStoreError> {
+    let own: Option<i64> = conn
+        .query_row(
+            "SELECT position FROM checkpoints WHERE key = ?1",
+            [key.to_string()],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(storage)?;
+    let position = match own {
+        Some(p) => Some(p),
+        None if key.partition != crate::readstore::Partition::WHOLE => conn
+            .query_row(
+                "SELECT position FROM checkpoints WHERE key = ?1",
+                [CheckpointKey::whole(key.projection).to_string()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(storage)?,
+        None => None,
+    };
+    Ok(position.and_then(|p| u64::try_from(p).ok()).unwrap_or(0))
+}
+
+/// Inserts the keys, returning those that were not there before.
+fn insert_new_keys(
+    tx: &Transaction<'_>,
+    kind: ProjectionKind,
+    keys: &MembershipKeys,
+) -> Result<MembershipKeys, ReadStoreError> {
+    fn pairs(
+        tx: &Transaction<'_>,
+        sql: &str,
+        keys: &std::collections::HashSet<(u64, u64)>,
+    ) -> Result<std::collections::HashSet<(u64, u64)>, ReadStoreError> {
+        let mut stmt = tx.prepare_cached(sql).map_err(storage)?;
+        let mut new = std::collections::HashSet::new();
+        for &(a, b) in keys {
+            if stmt
+                .execute(params![sql_id(a), sql_id(b)])
+                .map_err(storage)?
+                == 1
+            {
+                new.insert((a, b));
+            }
+        }
+        Ok(new)
+    }
+    fn triples(
+        tx: &Transaction<'_>,
+        sql: &str,
+        keys: &std::collections::HashSet<(u64, u64, u64)>,
+    ) -> Result<std::collections::HashSet<(u64, u64, u64)>, ReadStoreError> {
+        let mut stmt = tx.prepare_cached(sql).map_err(storage)?;
+        let mut new = std::collections::HashSet::new();
+        for &(a, b, c) in keys {
+            if stmt
+                .execute(params![sql_id(a), sql_id(b), sql_id(c)])
+                .map_err(storage)?
+                == 1
+            {
+                new.insert((a, b, c));
+            }
+        }
+        Ok(new)
+    }
+    let mut new = MembershipKeys::default();
+    match kind {
+        ProjectionKind::Institutions => {
+            new.institution_learners = pairs(
+                tx,
+                "INSERT OR IGNORE INTO inst_m_learners VALUES (?1, ?2)",
+                &keys.institution_learners,
+            )?;
+            new.institution_trails = pairs(
+                tx,
+                "INSERT OR IGNORE INTO inst_m_trails VALUES (?1, ?2)",
+                &keys.institution_trails,
+            )?;
+            new.institution_courses = pairs(
+                tx,
+                "INSERT OR IGNORE INTO inst_m_courses VALUES (?1, ?2)",
+                &keys.institution_courses,
+            )?;
+            new.trail_learners = triples(
+                tx,
+                "INSERT OR IGNORE INTO inst_m_trail_learners VALUES (?1, ?2, ?3)",
+                &keys.trail_learners,
+            )?;
+            new.course_learners = triples(
+                tx,
+                "INSERT OR IGNORE INTO inst_m_course_learners VALUES (?1, ?2, ?3)",
+                &keys.course_learners,
+            )?;
+            new.trail_courses = triples(
+                tx,
+                "INSERT OR IGNORE INTO inst_trail_courses VALUES (?1, ?2, ?3)",
+                &keys.trail_courses,
+            )?;
+            let mut stmt = tx
+                .prepare_cached("INSERT OR IGNORE INTO inst_m_day_learners VALUES (?1, ?2, ?3)")
+                .map_err(storage)?;
+            for (i, day, u) in &keys.day_learners {
+                if stmt
+                    .execute(params![sql_id(*i), day, sql_id(*u)])
+                    .map_err(storage)?
+                    == 1
+                {
+                    new.day_learners.insert((*i, day.clone(), *u));
+                }
+            }
+        }
+        ProjectionKind::Learners => {
+            new.trail_learners = triples(
+                tx,
+                "INSERT OR IGNORE INTO lrn_m_trail_learners VALUES (?1, ?2, ?3)",
+                &keys.trail_learners,
+            )?;
+        }
+    }
+    Ok(new)
+}
+
+fn write_plan(tx: &Transaction<'_>, p: &Plan) -> Result<(), ReadStoreError> {
+    if !p.summaries.is_empty() {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO inst_summary VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (institution_id) DO UPDATE SET
+                   completions = completions + excluded.completions,
+                   learners = learners + excluded.learners,
+                   trails = trails + excluded.trails,
+                   courses = courses + excluded.courses,
+                   first_completed_at = MIN(first_completed_at, excluded.first_completed_at),
+                   last_completed_at = MAX(last_completed_at, excluded.last_completed_at),
+                   last_position = MAX(last_position, excluded.last_position)",
+            )
+            .map_err(storage)?;
+        for (i, s) in &p.summaries {
+            stmt.execute(params![
+                sql_id(*i),
+                s.completions as i64,
+                s.new_learners as i64,
+                s.new_trails as i64,
+                s.new_courses as i64,
+                sql_time(s.span.first),
+                sql_time(s.span.last),
+                sql_position(s.last_position)?,
+            ])
+            .map_err(storage)?;
+        }
+    }
+    if !p.trails.is_empty() {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO inst_trails VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (institution_id, trail_id) DO UPDATE SET
+                   name = CASE WHEN excluded.name_position > name_position THEN excluded.name ELSE name END,
+                   name_position = MAX(name_position, excluded.name_position),
+                   completions = completions + excluded.completions,
+                   learners = learners + excluded.learners,
+                   first_completed_at = MIN(first_completed_at, excluded.first_completed_at),
+                   last_completed_at = MAX(last_completed_at, excluded.last_completed_at)",
+            )
+            .map_err(storage)?;
+        for ((i, t), d) in &p.trails {
+            stmt.execute(params![
+                sql_id(*i),
+                sql_id(*t),
+                d.name.value,
+                sql_position(d.name.position)?,
+                d.completions as i64,
+                d.new_learners as i64,
+                sql_time(d.span.first),
+                sql_time(d.span.last),
+            ])
+            .map_err(storage)?;
+        }
+    }
+    if !p.courses.is_empty() {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO inst_courses VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (institution_id, course_id) DO UPDATE SET
+                   title = CASE WHEN excluded.title_position > title_position THEN excluded.title ELSE title END,
+                   title_position = MAX(title_position, excluded.title_position),
+                   completions = completions + excluded.completions,
+                   learners = learners + excluded.learners",
+            )
+            .map_err(storage)?;
+        for ((i, c), d) in &p.courses {
+            stmt.execute(params![
+                sql_id(*i),
+                sql_id(*c),
+                d.title.value,
+                sql_position(d.title.position)?,
+                d.completions as i64,
+                d.new_learners as i64,
+            ])
+            .map_err(storage)?;
+        }
+    }
+    if !p.days.is_empty() {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO inst_daily VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (institution_id, day) DO UPDATE SET
+                   completions = completions + excluded.completions,
+                   learners = learners + excluded.learners",
+            )
+            .map_err(storage)?;
+        for ((i, day), d) in &p.days {
+            stmt.execute(params![
+                sql_id(*i),
+                day,
+                d.completions as i64,
+                d.new_learners as i64
+            ])
+            .map_err(storage)?;
+        }
+    }
+    if !p.learners.is_empty() {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO lrn_learners VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (institution_id, user_id) DO UPDATE SET
+                   name = CASE WHEN excluded.profile_position > profile_position THEN excluded.name ELSE name END,
+                   email = CASE WHEN excluded.profile_position > profile_position THEN excluded.email ELSE email END,
+                   profile_position = MAX(profile_position, excluded.profile_position),
+                   trails = trails + excluded.trails,
+                   completions = completions + excluded.completions,
+                   first_completed_at = MIN(first_completed_at, excluded.first_completed_at),
+                   last_completed_at = MAX(last_completed_at, excluded.last_completed_at)",
+            )
+            .map_err(storage)?;
+        for ((i, u), d) in &p.learners {
+            stmt.execute(params![
+                sql_id(*i),
+                sql_id(*u),
+                d.profile.value.0,
+                d.profile.value.1,
+                sql_position(d.profile.position)?,
+                d.new_trails as i64,
+                d.completions as i64,
+                sql_time(d.span.first),
+                sql_time(d.span.last),
+            ])
+            .map_err(storage)?;
+        }
+    }
+    if !p.learner_trails.is_empty() {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO lrn_learner_trails VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (institution_id, user_id, trail_id) DO UPDATE SET
+                   completions = completions + excluded.completions,
+                   first_completed_at = MIN(first_completed_at, excluded.first_completed_at),
+                   last_completed_at = MAX(last_completed_at, excluded.last_completed_at)",
+            )
+            .map_err(storage)?;
+        for ((i, u, t), d) in &p.learner_trails {
+            stmt.execute(params![
+                sql_id(*i),
+                sql_id(*u),
+                sql_id(*t),
+                d.completions as i64,
+                sql_time(d.span.first),
+                sql_time(d.span.last),
+            ])
+            .map_err(storage)?;
+        }
+    }
+    if !p.completions.is_empty() {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO lrn_completions VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )
+            .map_err(storage)?;
+        for c in &p.completions {
+            stmt.execute(params![
+                sql_position(c.position)?,
+                c.event_id.to_string(),
+                sql_id(c.institution_id),
+                sql_id(c.user_id),
+                sql_id(c.trail_id),
+                c.trail_name,
+                c.finished_at_raw,
+                sql_time(c.finished_at),
+                c.day,
+                courses_json(c),
+            ])
+            .map_err(storage)?;
+        }
+    }
+    Ok(())
+}
+
+/// `[{"id":1,"title":"..."}]`, the same text on every backend.
+pub fn courses_json(c: &Completion) -> String {
+    let list: Vec<_> = c
+        .courses
+        .iter()
+        .map(|course| serde_json::json!({ "id": course.id, "title": course.title }))
+        .collect();
+    serde_json::Value::Array(list).to_string()
+}
+
+fn apply_blocking(
+    conn: &mut Connection,
+    generation: &str,
+    control: Option<&Mutex<Connection>>,
+    batch: ApplyBatch,
+) -> Result<(), ReadStoreError> {
+    if let Some(control) = control {
+        let control = control
+            .lock()
+            .map_err(|_| storage("control connection lock poisoned"))?;
+        if let Some(current) = current_generation(&control)?
+            && current != generation
+        {
+            return Err(ReadStoreError::GenerationChanged {
+                from: generation.to_owned(),
+                to: current,
+            });
+        }
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(storage)?;
+    let key = batch.key;
+    let key_text = key.to_string();
+    if let Some((holder, ttl)) = &batch.lease {
+        let now = now_ms();
+        let renewed = tx
+            .execute(
+                "UPDATE leases SET expires_at = ?1 WHERE name = ?2 AND holder = ?3 AND expires_at > ?4",
+                params![now + ttl.as_millis() as i64, key_text, holder.0, now],
+            )
+            .map_err(storage)?;
+        if renewed != 1 {
+            return Err(ReadStoreError::LeaseLost(key_text));
+        }
+    }
+    let checkpoint = read_checkpoint(&tx, key)?;
+    if batch.through <= checkpoint {
+        // Redelivered: already applied, nothing to do.
+        return Ok(());
+    }
+    let completions: Vec<Completion> = batch
+        .completions
+        .into_iter()
+        .filter(|c| c.position > checkpoint)
+        .collect();
+    let keys = membership_keys(key.projection, &completions);
+    let new = insert_new_keys(&tx, key.projection, &keys)?;
+    let p = plan(key.projection, &completions, &new);
+    write_plan(&tx, &p)?;
+    {
+        let mut stmt = tx
+            .prepare_cached("INSERT OR IGNORE INTO dead_letters VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+            .map_err(storage)?;
+        for d in batch
+            .dead_letters
+            .iter()
+            .filter(|d| d.position > checkpoint)
+        {
+            stmt.execute(params![
+                d.projection,
+                sql_position(d.position)?,
+                d.event_id.to_string(),
+                d.event_type,
+                d.error,
+                sql_time(d.recorded_at),
+            ])
+            .map_err(storage)?;
+        }
+    }
+    tx.execute(
+        "INSERT INTO checkpoints (key, position) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET position = MAX(position, excluded.position)",
+        params![key_text, sql_position(batch.through)?],
+    )
+    .map_err(storage)?;
+    tx.commit().map_err(storage)
+}
+
+#[async_trait]
+impl ReadStore for SqliteReadStore {
+    fn generation(&self) -> String {
+        lock(&self.state)
+            .map(|s| s.generation.clone())
+            .unwrap_or_default()
+    }
+
+    async fn checkpoint(&self, key: CheckpointKey) -> Result<Position, ReadStoreError> {
+        self.with_conn(move |conn, _| read_checkpoint(conn, key))
+            .await
+    }
+
+    async fn apply(&self, batch: ApplyBatch) -> Result<(), ReadStoreError> {
+        let control = self.follows_current.then(|| Arc::clone(&self.control));
+        self.with_conn(move |conn, generation| {
+            apply_blocking(conn, generation, control.as_deref(), batch)
+        })
+        .await
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<bool, ReadStoreError> {
+        let (name, holder) = (name.to_owned(), holder.0.clone());
+        self.with_conn(move |conn, _| {
+            let now = now_ms();
+            let changed = conn
+                .execute(
+                    "INSERT INTO leases (name, holder, expires_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+                     WHERE leases.holder = excluded.holder OR leases.expires_at <= ?4",
+                    params![name, holder, now + ttl.as_millis() as i64, now],
+                )
+                .map_err(storage)?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &LeaseHolder) -> Result<(), ReadStoreError> {
+        let (name, holder) = (name.to_owned(), holder.0.clone());
+        self.with_conn(move |conn, _| {
+            conn.execute(
+                "UPDATE leases SET expires_at = 0 WHERE name = ?1 AND holder = ?2",
+                params![name, holder],
+            )
+            .map_err(storage)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<(String, Position)>, ReadStoreError> {
+        self.with_conn(|conn, _| {
+            let mut stmt = conn
+                .prepare_cached("SELECT key, position FROM checkpoints ORDER BY key")
+                .map_err(storage)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(storage)?;
+            rows.map(|r| {
+                r.map(|(k, p)| (k, u64::try_from(p).unwrap_or(0)))
+                    .map_err(storage)
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, ReadStoreError> {
+        self.with_conn(move |conn, _| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT projection, position, event_id, event_type, error, recorded_at
+                     FROM dead_letters ORDER BY position, projection LIMIT ?1",
+                )
+                .map_err(storage)?;
+            let rows = stmt
+                .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
+                    ))
+                })
+                .map_err(storage)?;
+            rows.map(|r| {
+                let (projection, position, event_id, event_type, error, at) = r.map_err(storage)?;
+                Ok(DeadLetter {
+                    projection,
+                    position: u64::try_from(position).unwrap_or(0),
+                    event_id: event_id.parse().map_err(storage)?,
+                    event_type,
+                    error,
+                    recorded_at: DateTime::parse_from_rfc3339(&at)
+                        .map_err(storage)?
+                        .with_timezone(&Utc),
+                })
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn dead_letter_count(&self) -> Result<u64, ReadStoreError> {
+        self.with_conn(|conn, _| {
+            let n: i64 = conn
+                .query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))
+                .map_err(storage)?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, ReadStoreError> {
+        self.with_conn(|conn, _| {
+            let mut tables = Vec::new();
+            for (table, order) in SNAPSHOT_TABLES {
+                let mut stmt = conn
+                    .prepare(&format!("SELECT * FROM {table} ORDER BY {order}"))
+                    .map_err(storage)?;
+                let columns = stmt.column_count();
+                let rows = stmt
+                    .query_map([], |r| {
+                        (0..columns)
+                            .map(|i| {
+                                Ok(match r.get_ref(i)? {
+                                    rusqlite::types::ValueRef::Null => "null".to_owned(),
+                                    rusqlite::types::ValueRef::Integer(v) => v.to_string(),
+                                    rusqlite::types::ValueRef::Real(v) => v.to_string(),
+                                    rusqlite::types::ValueRef::Text(t) => {
+                                        String::from_utf8_lossy(t).into_owned()
+                                    }
+                                    rusqlite::types::ValueRef::Blob(b) => format!("{b:?}"),
+                                })
+                            })
+                            .collect::<Result<Vec<String>, rusqlite::Error>>()
+                    })
+                    .map_err(storage)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(storage)?;
+                tables.push(((*table).to_owned(), rows));
+            }
+            Ok(Snapshot { tables })
+        })
+        .await
+    }
+
+    async fn follow_current(&self) -> Result<bool, ReadStoreError> {
+        if !self.follows_current {
+            return Ok(false);
+        }
+        let current = self.with_control(|c| current_generation(c)).await?;
+        let Some(current) = current else {
+            return Ok(false);
+        };
+        if current == self.generation() {
+            return Ok(false);
+        }
+        let path = generation_path(&self.dir, &current);
+        let state = Arc::clone(&self.state);
+        tokio::task::spawn_blocking(move || {
+            let conn = open(&path, GENERATION_MIGRATIONS)?;
+            let mut guard = lock(&state)?;
+            *guard = State {
+                generation: current,
+                conn,
+            };
+            Ok::<_, ReadStoreError>(())
+        })
+        .await
+        .map_err(|e| storage(format!("read store task failed: {e}")))??;
+        Ok(true)
+    }
+
+    async fn create_generation(&self) -> Result<Box<dyn ReadStore>, ReadStoreError> {
+        let dir = self.dir.clone();
+        let control = Arc::clone(&self.control);
+        let generation = self.with_control(|c| new_generation_name(c)).await?;
+        let conn = tokio::task::spawn_blocking({
+            let path = generation_path(&dir, &generation);
+            move || {
+                // A leftover file of an abandoned rebuild with the same name
+                // would hold stale rows: start empty.
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut p = path.clone().into_os_string();
+                    p.push(suffix);
+                    let _ = std::fs::remove_file(PathBuf::from(p));
+                }
+                open(&path, GENERATION_MIGRATIONS)
+            }
+        })
+        .await
+        .map_err(|e| storage(format!("read store task failed: {e}")))??;
+        Ok(Box::new(SqliteReadStore {
+            dir,
+            state: Arc::new(Mutex::new(State { generation, conn })),
+            control,
+            follows_current: false,
+        }))
+    }
+
+    async fn switch_to(&self, generation: &str) -> Result<(), ReadStoreError> {
+        let generation = generation.to_owned();
+        let dir = self.dir.clone();
+        let obsolete = self
+            .with_control(move |c| {
+                let tx = c
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(storage)?;
+                let number: i64 = tx
+                    .query_row(
+                        "SELECT number FROM generations WHERE name = ?1",
+                        [&generation],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(storage)?
+                    .ok_or_else(|| storage(format!("no generation named {generation}")))?;
+                let previous: Option<i64> = tx
+                    .query_row(
+                        "SELECT g.number FROM current_generation c JOIN generations g ON g.name = c.name",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(storage)?;
+                tx.execute(
+                    "INSERT INTO current_generation (id, name) VALUES (1, ?1)
+                     ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+                    [&generation],
+                )
+                .map_err(storage)?;
+                // Keep the generation just replaced (for a look back or a
+                // switch back); drop the ones before it.
+                let keep_from = previous.unwrap_or(number).min(number);
+                let mut stmt = tx
+                    .prepare("SELECT name FROM generations WHERE number < ?1")
+                    .map_err(storage)?;
+                let old: Vec<String> = stmt
+                    .query_map([keep_from], |r| r.get(0))
+                    .map_err(storage)?
+                    .collect::<Result<_, _>>()
+                    .map_err(storage)?;
+                drop(stmt);
+                tx.execute("DELETE FROM generations WHERE number < ?1", [keep_from])
+                    .map_err(storage)?;
+                tx.commit().map_err(storage)?;
+                Ok(old)
+            })
+            .await?;
+        for old in obsolete {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = generation_path(&dir, &old).into_os_string();
+                p.push(suffix);
+                let _ = std::fs::remove_file(PathBuf::from(p));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,755 @@
+//! The projections on the embedded stores: read models from a known event
+//! set, the runner live and under failure, partitions, leases, rebuilds.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use proptest::prelude::*;
+use tokio::sync::watch;
+use tracker_domain::{SourceTimeZone, parse_delivery};
+use tracker_projections::model::{Completion, CourseRef};
+use tracker_projections::readstore::{ApplyBatch, LeaseHolder, Snapshot};
+use tracker_projections::runner::{OnError, Runner, RunnerConfig, RunnerError};
+use tracker_projections::sqlite::SqliteReadStore;
+use tracker_projections::{CheckpointKey, Partition, ProjectionKind, ReadStore, ReadStoreError};
+use tracker_store::sqlite::SqliteEventStore;
+use tracker_store::{EventMetadata, EventStore, ExpectedRevision, NewEvent};
+
+struct Env {
+    _dir: tempfile::TempDir,
+    events: Arc<dyn EventStore>,
+    read: SqliteReadStore,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let events: Arc<dyn EventStore> =
+        Arc::new(SqliteEventStore::open(dir.path().join("events.sqlite")).unwrap());
+    let read = SqliteReadStore::open(dir.path().join("readmodels")).unwrap();
+    Env {
+        _dir: dir,
+        events,
+        read,
+    }
+}
+
+fn delivery(
+    inst: u64,
+    user: u64,
+    user_name: &str,
+    trail: u64,
+    trail_name: &str,
+    finished: &str,
+    courses: &[(u64, &str)],
+) -> String {
+    serde_json::json!({
+        "event": {"slug": "activities.trail.completed", "send_at": finished},
+        "data": {
+            "institution": {"id": inst},
+            "user": {"id": user, "name": user_name, "email": format!("{user}@example.edu.br")},
+            "trail": {"id": trail, "name": trail_name, "finished_at": finished,
+                "courses": courses.iter().map(|(id, t)| serde_json::json!({"id": id, "title": t})).collect::<Vec<_>>()}
+        }
+    })
+    .to_string()
+}
+
+async fn ingest(events: &dyn EventStore, body: &str) -> u64 {
+    let zone = SourceTimeZone::default();
+    let parsed = parse_delivery(body.as_bytes(), &zone).unwrap();
+    let event = NewEvent {
+        id: parsed.event_id(),
+        event_type: parsed.event_type().to_owned(),
+        schema_version: parsed.schema_version(),
+        data: parsed.event_data(&zone).unwrap(),
+        metadata: EventMetadata {
+            received_at: Utc::now(),
+            source_id: "test".into(),
+            request_id: "r".into(),
+            content_hash: parsed.content_hash.clone(),
+        },
+    };
+    let out = events
+        .append(&parsed.stream(), ExpectedRevision::Any, vec![event])
+        .await
+        .unwrap();
+    out.events[0].position
+}
+
+/// The known event set of `known_read_models`.
+async fn ingest_known(events: &dyn EventStore) {
+    ingest(
+        events,
+        &delivery(
+            1,
+            10,
+            "Ana",
+            100,
+            "Trilha A",
+            "2024-03-01 10:00:00",
+            &[(1000, "C1"), (1001, "C2")],
+        ),
+    )
+    .await;
+    ingest(
+        events,
+        &delivery(
+            1,
+            11,
+            "Bruno",
+            100,
+            "Trilha A",
+            "2024-03-01 23:30:00",
+            &[(1000, "C1"), (1001, "C2")],
+        ),
+    )
+    .await;
+    ingest(
+        events,
+        &delivery(
+            1,
+            10,
+            "Ana Maria",
+            100,
+            "Trilha A",
+            "2024-03-05 08:00:00",
+            &[(1000, "C1"), (1001, "C2")],
+        ),
+    )
+    .await;
+    ingest(
+        events,
+        &delivery(
+            1,
+            10,
+            "Ana Maria",
+            101,
+            "Trilha B",
+            "2024-03-02 09:00:00",
+            &[(1001, "C2 novo título"), (1002, "C3")],
+        ),
+    )
+    .await;
+    ingest(
+        events,
+        &delivery(
+            2,
+            10,
+            "Outra Ana",
+            100,
+            "Trail A elsewhere",
+            "2024-03-01 12:00:00",
+            &[(1000, "X")],
+        ),
+    )
+    .await;
+    ingest(events, r#"{"event":{"slug":"activities.course.completed"},"data":{"institution":{"id":1},"user":{"id":10}}}"#).await;
+}
+
+fn runner(env: &Env, kind: ProjectionKind, config: RunnerConfig) -> Runner {
+    Runner::new(
+        Arc::clone(&env.events),
+        Arc::new(env.read.clone()),
+        kind,
+        config,
+    )
+}
+
+/// Starts both projections; returns the shutdown switch and their tasks.
+fn start_all(
+    env: &Env,
+    config: RunnerConfig,
+) -> (
+    watch::Sender<bool>,
+    Vec<tokio::task::JoinHandle<Result<(), RunnerError>>>,
+) {
+    let (tx, rx) = watch::channel(false);
+    let tasks = ProjectionKind::ALL
+        .into_iter()
+        .map(|kind| tokio::spawn(runner(env, kind, config.clone()).run(rx.clone())))
+        .collect();
+    (tx, tasks)
+}
+
+async fn stop(
+    tx: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), RunnerError>>>,
+) {
+    tx.send(true).unwrap();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
+/// Waits until every checkpoint of `read` reaches `position`.
+async fn caught_up(read: &dyn ReadStore, position: u64, keys: &[CheckpointKey]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut all = true;
+        for key in keys {
+            if read.checkpoint(*key).await.unwrap() < position {
+                all = false;
+            }
+        }
+        if all {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "projections did not reach {position}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn whole_keys() -> Vec<CheckpointKey> {
+    ProjectionKind::ALL
+        .into_iter()
+        .map(CheckpointKey::whole)
+        .collect()
+}
+
+fn table<'a>(s: &'a Snapshot, name: &str) -> &'a Vec<Vec<String>> {
+    &s.tables.iter().find(|(n, _)| n == name).unwrap().1
+}
+
+fn row<'a>(s: &'a Snapshot, name: &str, key: &[&str]) -> &'a Vec<String> {
+    table(s, name)
+        .iter()
+        .find(|r| r.iter().zip(key).all(|(a, b)| a == b))
+        .unwrap_or_else(|| panic!("no row {key:?} in {name}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_read_models() {
+    let env = env();
+    ingest_known(&*env.events).await;
+    let (tx, tasks) = start_all(&env, RunnerConfig::default());
+    caught_up(&env.read, 6, &whole_keys()).await;
+    stop(tx, tasks).await;
+    let s = env.read.snapshot().await.unwrap();
+
+    // institution_id, completions, learners, trails, courses, first, last, last_position
+    assert_eq!(
+        row(&s, "inst_summary", &["1"]),
+        &[
+            "1",
+            "4",
+            "2",
+            "2",
+            "3",
+            "2024-03-01T13:00:00Z",
+            "2024-03-05T11:00:00Z",
+            "4"
+        ]
+    );
+    assert_eq!(
+        row(&s, "inst_summary", &["2"]),
+        &[
+            "2",
+            "1",
+            "1",
+            "1",
+            "1",
+            "2024-03-01T15:00:00Z",
+            "2024-03-01T15:00:00Z",
+            "5"
+        ]
+    );
+    // institution, trail, name, name_position, completions, learners, first, last
+    assert_eq!(
+        row(&s, "inst_trails", &["1", "100"]),
+        &[
+            "1",
+            "100",
+            "Trilha A",
+            "3",
+            "3",
+            "2",
+            "2024-03-01T13:00:00Z",
+            "2024-03-05T11:00:00Z"
+        ]
+    );
+    assert_eq!(row(&s, "inst_trails", &["1", "101"])[4..6], ["1", "1"]);
+    // institution, course, title, title_position, completions, learners
+    assert_eq!(
+        row(&s, "inst_courses", &["1", "1000"]),
+        &["1", "1000", "C1", "3", "3", "2"]
+    );
+    assert_eq!(
+        row(&s, "inst_courses", &["1", "1001"]),
+        &["1", "1001", "C2 novo título", "4", "4", "2"]
+    );
+    assert_eq!(
+        row(&s, "inst_courses", &["1", "1002"]),
+        &["1", "1002", "C3", "4", "1", "1"]
+    );
+    assert_eq!(table(&s, "inst_trail_courses").len(), 4 + 1);
+    // 23:30 in São Paulo on 1 March is 2 March in UTC, but the source's day is 1 March.
+    let days: Vec<_> = table(&s, "inst_daily")
+        .iter()
+        .filter(|r| r[0] == "1")
+        .cloned()
+        .collect();
+    assert_eq!(
+        days,
+        [
+            vec!["1", "2024-03-01", "2", "2"],
+            vec!["1", "2024-03-02", "1", "1"],
+            vec!["1", "2024-03-05", "1", "1"],
+        ]
+    );
+    // institution, user, name, email, profile_position, trails, completions, first, last
+    assert_eq!(
+        row(&s, "lrn_learners", &["1", "10"])[2..7],
+        ["Ana Maria", "10@example.edu.br", "4", "2", "3"]
+    );
+    assert_eq!(row(&s, "lrn_learners", &["1", "11"])[5..7], ["1", "1"]);
+    assert_eq!(row(&s, "lrn_learners", &["2", "10"])[2], "Outra Ana");
+    assert_eq!(row(&s, "lrn_learner_trails", &["1", "10", "100"])[3], "2");
+    let completions = table(&s, "lrn_completions");
+    assert_eq!(completions.len(), 5, "the other slug is not a completion");
+    assert_eq!(completions[1][6], "2024-03-01 23:30:00");
+    assert_eq!(completions[1][7], "2024-03-02T02:30:00Z");
+    assert_eq!(
+        completions[3][9],
+        r#"[{"id":1001,"title":"C2 novo título"},{"id":1002,"title":"C3"}]"#
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_events_appear_without_restart() {
+    let env = env();
+    let (tx, tasks) = start_all(&env, RunnerConfig::default());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let p = ingest(
+        &*env.events,
+        &delivery(7, 1, "L", 5, "T", "2024-01-01 10:00:00", &[(50, "C")]),
+    )
+    .await;
+    caught_up(&env.read, p, &whole_keys()).await;
+    let s = env.read.snapshot().await.unwrap();
+    assert_eq!(row(&s, "inst_summary", &["7"])[1], "1");
+    let p = ingest(
+        &*env.events,
+        &delivery(7, 2, "M", 5, "T", "2024-01-02 10:00:00", &[(50, "C")]),
+    )
+    .await;
+    caught_up(&env.read, p, &whole_keys()).await;
+    let s = env.read.snapshot().await.unwrap();
+    assert_eq!(row(&s, "inst_summary", &["7"])[1..3], ["2", "2"]);
+    stop(tx, tasks).await;
+}
+
+async fn append_undecodable(events: &dyn EventStore) -> u64 {
+    let out = events
+        .append(
+            "learner-1-1",
+            ExpectedRevision::Any,
+            vec![NewEvent {
+                id: uuid::Uuid::new_v4(),
+                event_type: "TrailCompleted".into(),
+                schema_version: 1,
+                data: r#"{"institution_id": 1}"#.into(),
+                metadata: EventMetadata {
+                    received_at: Utc::now(),
+                    source_id: "t".into(),
+                    request_id: "r".into(),
+                    content_hash: "sha256:00".into(),
+                },
+            }],
+        )
+        .await
+        .unwrap();
+    out.events[0].position
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_events_go_to_dead_letters_and_the_projection_goes_on() {
+    let env = env();
+    ingest(
+        &*env.events,
+        &delivery(1, 1, "A", 1, "T", "2024-01-01 10:00:00", &[]),
+    )
+    .await;
+    let bad = append_undecodable(&*env.events).await;
+    let last = ingest(
+        &*env.events,
+        &delivery(1, 2, "B", 1, "T", "2024-01-01 11:00:00", &[]),
+    )
+    .await;
+    let (tx, tasks) = start_all(&env, RunnerConfig::default());
+    caught_up(&env.read, last, &whole_keys()).await;
+    stop(tx, tasks).await;
+    let dead = env.read.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 2, "one per projection: {dead:?}");
+    assert!(
+        dead.iter()
+            .all(|d| d.position == bad && d.event_type == "TrailCompleted")
+    );
+    assert!(
+        dead[0].error.contains("schema") || dead[0].error.contains("missing"),
+        "{}",
+        dead[0].error
+    );
+    assert_eq!(env.read.dead_letter_count().await.unwrap(), 2);
+    let s = env.read.snapshot().await.unwrap();
+    assert_eq!(row(&s, "inst_summary", &["1"])[1], "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_error_stop_halts_before_the_bad_event() {
+    let env = env();
+    ingest(
+        &*env.events,
+        &delivery(1, 1, "A", 1, "T", "2024-01-01 10:00:00", &[]),
+    )
+    .await;
+    let bad = append_undecodable(&*env.events).await;
+    ingest(
+        &*env.events,
+        &delivery(1, 2, "B", 1, "T", "2024-01-01 11:00:00", &[]),
+    )
+    .await;
+    let config = RunnerConfig {
+        on_error: OnError::Stop,
+        ..RunnerConfig::default()
+    };
+    let (_tx, rx) = watch::channel(false);
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        runner(&env, ProjectionKind::Institutions, config).run(rx),
+    )
+    .await
+    .unwrap();
+    match result {
+        Err(RunnerError::Halted { position, .. }) => assert_eq!(position, bad),
+        other => panic!("expected a halt, got {other:?}"),
+    }
+    let key = CheckpointKey::whole(ProjectionKind::Institutions);
+    assert_eq!(env.read.checkpoint(key).await.unwrap(), bad - 1);
+    assert_eq!(env.read.dead_letter_count().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_keeps_a_second_projector_out() {
+    let env = env();
+    let name = CheckpointKey::whole(ProjectionKind::Learners).to_string();
+    let (a, b) = (LeaseHolder::new_random(), LeaseHolder::new_random());
+    let ttl = Duration::from_millis(300);
+    assert!(env.read.acquire_lease(&name, &a, ttl).await.unwrap());
+    assert!(!env.read.acquire_lease(&name, &b, ttl).await.unwrap());
+    // B writing anyway is refused, and nothing is written.
+    let batch = ApplyBatch {
+        key: CheckpointKey::whole(ProjectionKind::Learners),
+        completions: vec![Completion {
+            position: 1,
+            event_id: uuid::Uuid::new_v4(),
+            institution_id: 1,
+            user_id: 1,
+            user_name: "x".into(),
+            user_email: "x".into(),
+            trail_id: 1,
+            trail_name: "t".into(),
+            courses: vec![CourseRef {
+                id: 1,
+                title: "c".into(),
+            }],
+            finished_at_raw: "2024-01-01 00:00:00".into(),
+            finished_at: Utc::now(),
+            day: "2024-01-01".into(),
+        }],
+        dead_letters: vec![],
+        through: 1,
+        lease: Some((b.clone(), ttl)),
+    };
+    assert!(matches!(
+        env.read.apply(batch.clone()).await,
+        Err(ReadStoreError::LeaseLost(_))
+    ));
+    assert_eq!(env.read.checkpoint(batch.key).await.unwrap(), 0);
+    // When A's lease runs out, B takes over.
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    assert!(env.read.acquire_lease(&name, &b, ttl).await.unwrap());
+    env.read.apply(batch.clone()).await.unwrap();
+    assert_eq!(env.read.checkpoint(batch.key).await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_projectors_on_one_key_do_not_double_count() {
+    let env = env();
+    for i in 0..200u64 {
+        ingest(
+            &*env.events,
+            &delivery(
+                1 + i % 3,
+                i + 1,
+                "L",
+                1 + i % 4,
+                "T",
+                "2024-01-01 10:00:00",
+                &[(9, "C")],
+            ),
+        )
+        .await;
+    }
+    let (tx1, t1) = start_all(&env, RunnerConfig::default());
+    let (tx2, t2) = start_all(&env, RunnerConfig::default());
+    caught_up(&env.read, 200, &whole_keys()).await;
+    stop(tx1, t1).await;
+    stop(tx2, t2).await;
+    let s = env.read.snapshot().await.unwrap();
+    let total: u64 = table(&s, "inst_summary")
+        .iter()
+        .map(|r| r[1].parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(total, 200);
+    assert_eq!(table(&s, "lrn_completions").len(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_together_equal_the_whole() {
+    let whole = env();
+    let split = env();
+    for i in 0..120u64 {
+        let body = delivery(
+            1 + i % 5,
+            1 + i % 17,
+            "L",
+            1 + i % 4,
+            "T",
+            &format!("2024-01-{:02} 10:00:00", 1 + i % 20),
+            &[(9, "C"), (10 + i % 3, "D")],
+        );
+        ingest(&*whole.events, &body).await;
+        ingest(&*split.events, &body).await;
+    }
+    let (tx, tasks) = start_all(&whole, RunnerConfig::default());
+    caught_up(&whole.read, 120, &whole_keys()).await;
+    stop(tx, tasks).await;
+
+    let (tx, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut keys = Vec::new();
+    for index in 0..2 {
+        for kind in ProjectionKind::ALL {
+            let config = RunnerConfig {
+                partition: Partition { index, count: 2 },
+                ..RunnerConfig::default()
+            };
+            let r = runner(&split, kind, config);
+            keys.push(r.key());
+            tasks.push(tokio::spawn(r.run(rx.clone())));
+        }
+    }
+    caught_up(&split.read, 120, &keys).await;
+    stop(tx, tasks).await;
+    assert_eq!(
+        whole.read.snapshot().await.unwrap(),
+        split.read.snapshot().await.unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_during_live_ingest_ends_identical_to_a_clean_rebuild() {
+    let env = env();
+    for i in 0..300u64 {
+        ingest(
+            &*env.events,
+            &delivery(
+                1 + i % 4,
+                1 + i % 50,
+                "L",
+                1 + i % 6,
+                "T",
+                "2024-02-01 10:00:00",
+                &[(1, "C")],
+            ),
+        )
+        .await;
+    }
+    let (tx, tasks) = start_all(&env, RunnerConfig::default());
+    caught_up(&env.read, 300, &whole_keys()).await;
+    let before = env.read.generation();
+
+    // Keep ingesting, and keep reading, while the rebuild runs.
+    let writer = {
+        let events = Arc::clone(&env.events);
+        tokio::spawn(async move {
+            let mut last = 0;
+            for i in 300..500u64 {
+                last = ingest(
+                    &*events,
+                    &delivery(
+                        1 + i % 4,
+                        1 + i % 50,
+                        "L",
+                        1 + i % 6,
+                        "T",
+                        "2024-02-02 10:00:00",
+                        &[(1, "C")],
+                    ),
+                )
+                .await;
+            }
+            last
+        })
+    };
+    let reader = {
+        let read = env.read.clone();
+        tokio::spawn(async move {
+            for _ in 0..50 {
+                let s = read.snapshot().await.unwrap();
+                assert!(
+                    !table(&s, "inst_summary").is_empty(),
+                    "read models stay readable"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let generation =
+        tracker_projections::replay::replay(Arc::clone(&env.events), &env.read, |_| {})
+            .await
+            .unwrap();
+    assert_ne!(generation, before);
+    let last = writer.await.unwrap();
+    reader.await.unwrap();
+    env.read.follow_current().await.unwrap();
+    assert_eq!(env.read.generation(), generation);
+    caught_up(&env.read, last, &whole_keys()).await;
+    stop(tx, tasks).await;
+    let live = env.read.snapshot().await.unwrap();
+
+    // A clean rebuild of the same log.
+    let clean = tracker_projections::replay::replay(Arc::clone(&env.events), &env.read, |_| {})
+        .await
+        .unwrap();
+    env.read.follow_current().await.unwrap();
+    assert_eq!(env.read.generation(), clean);
+    assert_eq!(env.read.snapshot().await.unwrap(), live);
+    let total: u64 = table(&live, "inst_summary")
+        .iter()
+        .map(|r| r[1].parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(total, 500);
+}
+
+fn completions_strategy() -> impl Strategy<Value = Vec<Completion>> {
+    proptest::collection::vec(
+        (
+            1u64..4,
+            1u64..6,
+            1u64..5,
+            0u32..40,
+            proptest::collection::vec(1u64..8, 0..4),
+            0u8..3,
+        ),
+        1..60,
+    )
+    .prop_map(|rows| {
+        rows.into_iter()
+            .enumerate()
+            .map(|(i, (inst, user, trail, minute, courses, name))| {
+                let raw = format!("2024-05-{:02} 10:{:02}:00", 1 + minute % 3, minute);
+                Completion {
+                    position: i as u64 + 1,
+                    event_id: uuid::Uuid::from_u128(i as u128 + 1),
+                    institution_id: inst,
+                    user_id: user,
+                    user_name: format!("user {user} v{name}"),
+                    user_email: format!("{user}@x"),
+                    trail_id: trail,
+                    trail_name: format!("trail {trail} v{name}"),
+                    courses: courses
+                        .into_iter()
+                        .map(|id| CourseRef {
+                            id,
+                            title: format!("c{id} v{name}"),
+                        })
+                        .collect(),
+                    finished_at: chrono::NaiveDateTime::parse_from_str(&raw, "%Y-%m-%d %H:%M:%S")
+                        .unwrap()
+                        .and_utc(),
+                    day: raw[..10].to_owned(),
+                    finished_at_raw: raw,
+                }
+            })
+            .collect()
+    })
+}
+
+async fn apply_ranges(read: &SqliteReadStore, events: &[Completion], ranges: &[(usize, usize)]) {
+    for kind in ProjectionKind::ALL {
+        for &(a, b) in ranges {
+            read.apply(ApplyBatch {
+                key: CheckpointKey::whole(kind),
+                completions: events[a..b].to_vec(),
+                dead_letters: vec![],
+                through: events[b - 1].position,
+                lease: None,
+            })
+            .await
+            .unwrap();
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+    /// Any re-delivery at-least-once delivery can produce (restarts from an
+    /// earlier point, repeated batches, any batch sizes) leaves the read
+    /// models equal to one clean in-order application.
+    #[test]
+    fn redelivery_changes_nothing(events in completions_strategy(), cuts in proptest::collection::vec((0usize..100, 0usize..100), 1..12)) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let n = events.len();
+            let clean = env();
+            apply_ranges(&clean.read, &events, &[(0, n)]).await;
+
+            // Batches [a, b): each ends after the previous end and starts at
+            // or before it: a restart re-sends what came after an older
+            // checkpoint, but never skips past the last one.
+            let mut ranges = Vec::new();
+            let mut end = 0;
+            for (x, y) in cuts {
+                let b = (end + 1 + y % n).min(n);
+                let a = x % (end + 1);
+                ranges.push((a, b));
+                end = b;
+                if end == n { break; }
+            }
+            if end < n { ranges.push((0, n)); }
+            let messy = env();
+            apply_ranges(&messy.read, &events, &ranges).await;
+            // And the whole thing once more.
+            apply_ranges(&messy.read, &events, &[(0, n)]).await;
+            prop_assert!(clean.read.snapshot().await.unwrap() == messy.read.snapshot().await.unwrap(), "redelivered read models differ from a clean application");
+            Ok(())
+        })?;
+    }
+}
+
+#[test]
+fn processes_opening_a_new_read_store_together_agree_on_one_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("readmodels");
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (path, barrier) = (path.clone(), Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                barrier.wait();
+                SqliteReadStore::open(&path).map(|s| s.generation())
+            })
+        })
+        .collect();
+    let generations: Vec<String> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    assert!(generations.iter().all(|g| g == "g1"), "{generations:?}");
+}
