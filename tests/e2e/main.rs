@@ -5,5 +5,6 @@
 mod concurrency;
 mod durability;
 mod ops;
+mod projections;
 mod support;
 mod webhook;

@@ -72,6 +72,7 @@ impl TestApp {
             StartOptions {
                 handle_signals: false,
                 workers: Some(2),
+                projector: true,
             },
         )
         .await
@@ -162,6 +163,10 @@ impl ChildTracker {
     /// Starts `tracker serve` on a free port with `config_toml` and waits
     /// until it answers `/healthz`.
     pub fn start(data_dir: &Path, config_toml: Option<&str>) -> Self {
+        Self::start_with(data_dir, config_toml, &[])
+    }
+
+    pub fn start_with(data_dir: &Path, config_toml: Option<&str>, extra: &[&str]) -> Self {
         let port = free_port();
         let mut cmd = Command::new(tracker_bin());
         cmd.arg("serve")
@@ -169,6 +174,7 @@ impl ChildTracker {
             .arg(data_dir)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
+            .args(extra)
             .env_remove("TRACKER_CONFIG")
             .env("TRACKER_LOG", "warn")
             .stdin(Stdio::null())
@@ -269,6 +275,58 @@ pub fn completion(institution: u64, user: u64, trail: u64, finished_at: &str) ->
         }
     })
     .to_string()
+}
+
+/// Appends deliveries straight to the embedded event store of `data_dir`
+/// (as the receiver would), concurrently so group commit keeps it quick.
+pub async fn seed_events(data_dir: &Path, bodies: Vec<String>) -> u64 {
+    use tracker_domain::{SourceTimeZone, parse_delivery};
+    use tracker_store::{EventMetadata, EventStore as _, ExpectedRevision, NewEvent};
+    let store = std::sync::Arc::new(
+        tracker_store::sqlite::SqliteEventStore::open(data_dir.join("events.sqlite")).unwrap(),
+    );
+    let zone = SourceTimeZone::default();
+    let mut tasks = Vec::new();
+    for body in bodies {
+        let store = std::sync::Arc::clone(&store);
+        let parsed = parse_delivery(body.as_bytes(), &zone).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let event = NewEvent {
+                id: parsed.event_id(),
+                event_type: parsed.event_type().to_owned(),
+                schema_version: parsed.schema_version(),
+                data: parsed.event_data(&zone).unwrap(),
+                metadata: EventMetadata {
+                    received_at: chrono::Utc::now(),
+                    source_id: "seed".into(),
+                    request_id: "seed".into(),
+                    content_hash: parsed.content_hash.clone(),
+                },
+            };
+            store
+                .append(&parsed.stream(), ExpectedRevision::Any, vec![event])
+                .await
+                .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let head = store.head().await.unwrap();
+    store.close().await.unwrap();
+    head
+}
+
+/// A child `tracker` process with other arguments than `serve`.
+pub fn tracker_command(args: &[&str], data_dir: &Path) -> Command {
+    let mut cmd = Command::new(tracker_bin());
+    cmd.args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("TRACKER_CONFIG")
+        .env("TRACKER_LOG", "warn")
+        .stdin(Stdio::null());
+    cmd
 }
 
 /// Reads every event of an embedded store directory after the tracker using

@@ -1,9 +1,14 @@
-//! The one place where the event-store backend is chosen from configuration.
+//! The one place where backends are chosen from configuration: the event
+//! store (`event_store.url`) and the read store (`read_store.url`).
 
 use std::sync::Arc;
 
+use tracker_projections::ReadStore;
+use tracker_projections::postgres::PgReadStore;
+use tracker_projections::sqlite::SqliteReadStore;
 use tracker_store::sqlite::SqliteEventStore;
 use tracker_store::{EventStore, StoreError};
+use tracker_store_esdb::{EsdbEventStore, EsdbOptions};
 
 use crate::config::Config;
 
@@ -12,6 +17,8 @@ use crate::config::Config;
 pub enum EventStoreBackend {
     /// The embedded default: `events.sqlite` in the data directory.
     Embedded(SqliteEventStore),
+    /// EventStoreDB / KurrentDB over gRPC.
+    EventStoreDb(EsdbEventStore),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -20,17 +27,20 @@ pub enum BackendError {
     Unsupported(String),
     #[error("event store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    ReadStore(#[from] tracker_projections::ReadStoreError),
 }
 
 impl EventStoreBackend {
-    pub fn open(config: &Config) -> Result<Self, BackendError> {
+    pub async fn open(config: &Config) -> Result<Self, BackendError> {
         match config.event_store.url.as_ref().map(|u| u.expose()) {
             None | Some("") => Ok(Self::Embedded(SqliteEventStore::open(
                 config.data_dir.join("events.sqlite"),
             )?)),
             Some(url) if url.starts_with("esdb://") || url.starts_with("esdb+discover://") => {
-                Err(BackendError::Unsupported(
-                    "the EventStoreDB backend is not part of this build yet".into(),
+                let options = EsdbOptions::with_prefix(&config.event_store.stream_prefix);
+                Ok(Self::EventStoreDb(
+                    EsdbEventStore::connect(url, options).await?,
                 ))
             }
             Some(_) => Err(BackendError::Unsupported(
@@ -43,6 +53,7 @@ impl EventStoreBackend {
     pub fn event_store(&self) -> Arc<dyn EventStore> {
         match self {
             Self::Embedded(s) => Arc::new(s.clone()),
+            Self::EventStoreDb(s) => Arc::new(s.clone()),
         }
     }
 
@@ -50,6 +61,27 @@ impl EventStoreBackend {
     pub async fn close(&self) -> Result<(), StoreError> {
         match self {
             Self::Embedded(s) => s.close().await,
+            Self::EventStoreDb(s) => {
+                s.close();
+                Ok(())
+            }
         }
+    }
+}
+
+/// Opens the read store named by `read_store.url` (SQLite in the data
+/// directory when unset).
+pub async fn open_read_store(config: &Config) -> Result<Arc<dyn ReadStore>, BackendError> {
+    match config.read_store.url.as_ref().map(|u| u.expose()) {
+        None | Some("") => Ok(Arc::new(SqliteReadStore::open(
+            config.data_dir.join("readmodels"),
+        )?)),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Arc::new(PgReadStore::connect(url).await?))
+        }
+        Some(_) => Err(BackendError::Unsupported(
+            "read_store.url: expected postgres://..., or leave it unset for SQLite in data_dir"
+                .into(),
+        )),
     }
 }

@@ -118,11 +118,66 @@ pub struct SourceConfig {
     pub signing_secret: Option<Secret>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct EventStoreConfig {
-    /// Unset: the embedded store in `data_dir`. `esdb://...`: EventStoreDB.
+    /// Unset: the embedded store in `data_dir`. `esdb://...` or
+    /// `esdb+discover://...`: EventStoreDB / KurrentDB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<Secret>,
+    /// EventStoreDB only: the prefix of this tracker's streams, which the
+    /// server-side `$all` filter selects on.
+    #[serde(default = "default_stream_prefix")]
+    pub stream_prefix: String,
+}
+
+fn default_stream_prefix() -> String {
+    "tracker-".to_owned()
+}
+
+impl Default for EventStoreConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            stream_prefix: default_stream_prefix(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct ReadStoreConfig {
+    /// Unset: SQLite files in `data_dir/readmodels`. `postgres://...`: PostgreSQL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<Secret>,
+}
+
+/// What a projector does with an event it cannot apply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnErrorSetting {
+    /// Record it in the dead letters and go on.
+    #[default]
+    DeadLetter,
+    /// Stop the projection before it.
+    Stop,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ProjectorConfig {
+    /// Most events applied in one transaction.
+    pub batch_size: usize,
+    pub on_error: OnErrorSetting,
+    /// How long a projector's lease lasts without renewal, in seconds.
+    pub lease_ttl_secs: u64,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 5_000,
+            on_error: OnErrorSetting::DeadLetter,
+            lease_ttl_secs: 15,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -149,6 +204,10 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     #[serde(default)]
     pub event_store: EventStoreConfig,
+    #[serde(default)]
+    pub read_store: ReadStoreConfig,
+    #[serde(default)]
+    pub projector: ProjectorConfig,
 }
 
 impl Default for Config {
@@ -162,12 +221,15 @@ impl Default for Config {
             log_format: LogFormat::Text,
             sources: Vec::new(),
             event_store: EventStoreConfig::default(),
+            read_store: ReadStoreConfig::default(),
+            projector: ProjectorConfig::default(),
         }
     }
 }
 
-/// Environment variables whose names do not map to a key by lower-casing.
-const NESTED_ENV_KEYS: &[(&str, &str)] = &[("event_store_url", "event_store.url")];
+/// Tables whose keys come from `TRACKER_<TABLE>_<KEY>` variables
+/// (`TRACKER_READ_STORE_URL` is `read_store.url`).
+const ENV_SECTIONS: &[&str] = &["event_store", "read_store", "projector"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -199,14 +261,19 @@ impl Config {
             }
             figment = figment.merge(Toml::file(file));
         }
-        let env = Env::prefixed("TRACKER_").map(|key| {
-            let key = key.as_str();
-            NESTED_ENV_KEYS
-                .iter()
-                .find(|(flat, _)| key.eq_ignore_ascii_case(flat))
-                .map(|(_, nested)| (*nested).into())
-                .unwrap_or_else(|| key.into())
-        });
+        let env = Env::prefixed("TRACKER_")
+            .ignore(&["config", "log"])
+            .map(|key| {
+                let key = key.as_str().to_ascii_lowercase();
+                ENV_SECTIONS
+                    .iter()
+                    .find_map(|section| {
+                        key.strip_prefix(section)
+                            .and_then(|rest| rest.strip_prefix('_'))
+                            .map(|rest| format!("{section}.{rest}").into())
+                    })
+                    .unwrap_or_else(|| key.into())
+            });
         let config: Config = figment
             .merge(env)
             .merge(Serialized::defaults(overrides))
@@ -307,6 +374,8 @@ mod tests {
             )?;
             jail.set_env("TRACKER_DATA_DIR", "/srv/tracker");
             jail.set_env("TRACKER_EVENT_STORE_URL", "esdb://es:2113?tls=false");
+            jail.set_env("TRACKER_READ_STORE_URL", "postgres://db/tracker");
+            jail.set_env("TRACKER_PROJECTOR_ON_ERROR", "stop");
             let overrides = Overrides {
                 listen: Some(SocketAddr::from(([0, 0, 0, 0], 8081))),
                 data_dir: None,
@@ -320,6 +389,12 @@ mod tests {
                 c.event_store.url.as_ref().map(Secret::expose),
                 Some("esdb://es:2113?tls=false")
             );
+            assert_eq!(
+                c.read_store.url.as_ref().map(Secret::expose),
+                Some("postgres://db/tracker")
+            );
+            assert_eq!(c.projector.on_error, OnErrorSetting::Stop);
+            assert_eq!(c.projector.batch_size, 5000);
             assert_eq!(c.sources.len(), 2);
             let inst = InstitutionId::try_from(12345).map_err(|e| e.to_string())?;
             let other = InstitutionId::try_from(1).map_err(|e| e.to_string())?;

@@ -8,6 +8,8 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod ops;
+pub mod projector;
+pub mod replay;
 pub mod server;
 pub mod signature;
 pub mod sources;

@@ -6,8 +6,12 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use tracker::config::{Config, LogFormat, Overrides};
+use tracker::backend::{EventStoreBackend, open_read_store};
+use tracker::config::{Config, LogFormat, OnErrorSetting, Overrides};
+use tracker::projector::Projector;
+use tracker::replay;
 use tracker::server::{self, StartOptions};
+use tracker_projections::Partition;
 use tracker_store::delivery_log::{DeliveryFilter, DeliveryLog};
 
 #[derive(Debug, Parser)]
@@ -41,6 +45,36 @@ enum Command {
         /// Address to listen on (overrides `listen`).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Do not run the projection workers here (run `tracker project`
+        /// processes instead).
+        #[arg(long)]
+        no_projector: bool,
+    },
+    /// Run only the projection workers, against the configured event store
+    /// and read store, until SIGTERM.
+    Project {
+        #[command(flatten)]
+        common: Common,
+        /// Project only the institutions with `id % n == i` (e.g. `0/2`).
+        #[arg(long, default_value = "0/1", value_parser = Partition::parse)]
+        partition: Partition,
+        /// What to do with an event that cannot be applied (overrides
+        /// `projector.on_error`).
+        #[arg(long, value_enum)]
+        on_error: Option<OnErrorSetting>,
+    },
+    /// Rebuild every read model from position 0 beside the current ones, and
+    /// switch to the rebuilt ones when they have caught up.
+    Replay {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List the events the projections could not apply.
+    DeadLetters {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
     /// List recent webhook calls from the delivery log, newest first.
     Deliveries {
@@ -94,6 +128,29 @@ fn load(
     Ok(Config::load(common.config.as_deref(), &overrides)?)
 }
 
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_env("TRACKER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -107,10 +164,18 @@ fn init_tracing(format: LogFormat) {
 
 async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
-        Command::Serve { common, listen } => {
+        Command::Serve {
+            common,
+            listen,
+            no_projector,
+        } => {
             let config = load(&common, listen)?;
             init_tracing(config.log_format);
-            let running = server::start(config, StartOptions::default()).await?;
+            let options = StartOptions {
+                projector: !no_projector,
+                ..StartOptions::default()
+            };
+            let running = server::start(config, options).await?;
             if let Some(url) = &running.dev_webhook_url {
                 // Printed once, on stdout, and never logged: it holds the token.
                 println!(
@@ -120,6 +185,49 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
             println!("tracker listening on http://{}", running.local_addr);
             running.wait().await?;
+            Ok(())
+        }
+        Command::Project {
+            common,
+            partition,
+            on_error,
+        } => {
+            let mut config = load(&common, None)?;
+            if let Some(on_error) = on_error {
+                config.projector.on_error = on_error;
+            }
+            init_tracing(config.log_format);
+            let backend = EventStoreBackend::open(&config).await?;
+            let read = open_read_store(&config).await?;
+            let mut projector =
+                Projector::start(backend.event_store(), read, &config.projector, partition);
+            tracing::info!(%partition, "projector running");
+            let outcome = tokio::select! {
+                halted = projector.halted() => halted.map_err(Into::into),
+                () = shutdown_signal() => {
+                    tracing::info!("stopping");
+                    projector.stop().await.map_err(Into::into)
+                }
+            };
+            backend.close().await?;
+            outcome
+        }
+        Command::Replay { common } => {
+            let config = load(&common, None)?;
+            init_tracing(config.log_format);
+            let backend = EventStoreBackend::open(&config).await?;
+            let read = open_read_store(&config).await?;
+            let generation = replay::run(backend.event_store(), &*read).await?;
+            println!("read models rebuilt; generation {generation} is now current");
+            backend.close().await?;
+            Ok(())
+        }
+        Command::DeadLetters { common, limit } => {
+            let config = load(&common, None)?;
+            let read = open_read_store(&config).await?;
+            for d in read.dead_letters(limit).await? {
+                println!("{}", serde_json::to_string(&d)?);
+            }
             Ok(())
         }
         Command::Deliveries {

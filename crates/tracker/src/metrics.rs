@@ -16,6 +16,12 @@ pub struct OutcomeLabels {
     pub status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProjectionLabels {
+    /// The checkpoint key, e.g. `institutions` or `learners@1/2`.
+    pub projection: String,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -23,6 +29,9 @@ pub struct Metrics {
     pub append_seconds: Histogram,
     pub events_appended: Counter,
     pub store_head: Gauge<u64, AtomicU64>,
+    pub projection_checkpoint: Family<ProjectionLabels, Gauge<u64, AtomicU64>>,
+    pub projection_lag: Family<ProjectionLabels, Gauge<u64, AtomicU64>>,
+    pub dead_letters: Gauge<u64, AtomicU64>,
 }
 
 impl Metrics {
@@ -53,8 +62,29 @@ impl Metrics {
             "Global position of the last recorded event",
             store_head.clone(),
         );
+        let projection_checkpoint = Family::<ProjectionLabels, Gauge<u64, AtomicU64>>::default();
+        registry.register(
+            "projection_checkpoint_position",
+            "Position of the last event each projection has covered",
+            projection_checkpoint.clone(),
+        );
+        let projection_lag = Family::<ProjectionLabels, Gauge<u64, AtomicU64>>::default();
+        registry.register(
+            "projection_lag_events",
+            "Events recorded but not yet covered by each projection",
+            projection_lag.clone(),
+        );
+        let dead_letters = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "projection_dead_letters",
+            "Events the projections could not apply (see `tracker dead-letters`)",
+            dead_letters.clone(),
+        );
         Self {
             registry,
+            projection_checkpoint,
+            projection_lag,
+            dead_letters,
             deliveries,
             append_seconds,
             events_appended,

@@ -11,12 +11,14 @@ use rand::RngCore as _;
 use tracker_store::StoreError;
 use tracker_store::delivery_log::DeliveryLog;
 
-use crate::backend::{BackendError, EventStoreBackend};
+use crate::backend::{BackendError, EventStoreBackend, open_read_store};
 use crate::config::{Config, ConfigError, InstitutionScope, Secret, SourceConfig};
 use crate::metrics::Metrics;
+use crate::projector::Projector;
 use crate::sources::Sources;
 use crate::state::AppState;
 use crate::{ops, webhook};
+use tracker_projections::Partition;
 
 /// The id of the source `serve` creates when none is configured.
 pub const DEV_SOURCE_ID: &str = "dev";
@@ -49,6 +51,9 @@ pub struct StartOptions {
     pub handle_signals: bool,
     /// HTTP worker threads; `None`: one per core.
     pub workers: Option<usize>,
+    /// Run the projection workers in this process (`serve`); false for
+    /// `serve --no-projector`, when `tracker project` processes do it.
+    pub projector: bool,
 }
 
 impl Default for StartOptions {
@@ -56,6 +61,7 @@ impl Default for StartOptions {
         Self {
             handle_signals: true,
             workers: None,
+            projector: true,
         }
     }
 }
@@ -69,6 +75,7 @@ pub struct Running {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     backend: EventStoreBackend,
     state: web::Data<AppState>,
+    projector: Option<Projector>,
 }
 
 impl std::fmt::Debug for Running {
@@ -88,6 +95,11 @@ impl Running {
             Ok(r) => r,
             Err(e) => Err(std::io::Error::other(e)),
         };
+        if let Some(projector) = self.projector
+            && let Err(e) = projector.stop().await
+        {
+            tracing::error!(error = %e, "projection stopped with an error");
+        }
         if let Err(e) = self.state.deliveries.close().await {
             tracing::error!(error = %e, "closing the delivery log");
         }
@@ -141,11 +153,13 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Ser
         (config.sources.clone(), None)
     };
 
-    let backend = EventStoreBackend::open(&config)?;
+    let backend = EventStoreBackend::open(&config).await?;
+    let read = open_read_store(&config).await?;
     let deliveries = DeliveryLog::open(config.data_dir.join("deliveries.sqlite"))
         .map_err(ServeError::DeliveryLog)?;
     let state = web::Data::new(AppState {
         store: backend.event_store(),
+        read: Arc::clone(&read),
         deliveries,
         sources: Sources::from_config(&source_configs)?,
         zone,
@@ -185,6 +199,14 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Ser
     let server = server.run();
     let handle = server.handle();
     let server = tokio::spawn(server);
+    let projector = options.projector.then(|| {
+        Projector::start(
+            backend.event_store(),
+            read,
+            &config.projector,
+            Partition::WHOLE,
+        )
+    });
 
     tracing::info!(%local_addr, data_dir = %config.data_dir.display(), timezone = %config.source_timezone, "listening");
     let dev_webhook_url =
@@ -196,6 +218,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Ser
         server,
         backend,
         state,
+        projector,
     })
 }
 

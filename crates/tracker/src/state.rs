@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use tracker_domain::SourceTimeZone;
+use tracker_projections::ReadStore;
 use tracker_store::EventStore;
 use tracker_store::delivery_log::DeliveryLog;
 
@@ -12,6 +13,7 @@ use crate::sources::Sources;
 #[derive(Debug)]
 pub struct AppState {
     pub store: Arc<dyn EventStore>,
+    pub read: Arc<dyn ReadStore>,
     pub deliveries: DeliveryLog,
     pub sources: Sources,
     pub zone: SourceTimeZone,

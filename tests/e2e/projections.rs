@@ -1,0 +1,278 @@
+//! Projection workers as a user runs them: inside `serve`, as separate
+//! `tracker project` processes (killed at random), and `tracker replay`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tracker_projections::ReadStore as _;
+use tracker_projections::readstore::Snapshot;
+use tracker_projections::sqlite::SqliteReadStore;
+
+use crate::support::*;
+
+fn table<'a>(s: &'a Snapshot, name: &str) -> &'a Vec<Vec<String>> {
+    &s.tables.iter().find(|(n, _)| n == name).unwrap().1
+}
+
+fn total_completions(s: &Snapshot) -> u64 {
+    table(s, "inst_summary")
+        .iter()
+        .map(|r| r[1].parse::<u64>().unwrap())
+        .sum()
+}
+
+async fn wait_for_checkpoints(read: &SqliteReadStore, position: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        read.follow_current().await.unwrap();
+        let cps = read.checkpoints().await.unwrap();
+        if cps.len() >= 2 && cps.iter().all(|(_, p)| *p >= position) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "projections stuck at {cps:?}, want {position}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_shows_up_in_the_read_models_of_a_running_serve() {
+    let app = TestApp::spawn().await;
+    let (status, body) = app.post(TOKEN, MULTI).await;
+    assert_eq!(status, 200);
+    let position = body["position"].as_u64().unwrap();
+    let read = &app.running().state().read;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let cps = read.checkpoints().await.unwrap();
+        if cps.len() == 2 && cps.iter().all(|(_, p)| *p >= position) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not projected: {cps:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let s = read.snapshot().await.unwrap();
+    assert_eq!(
+        table(&s, "inst_summary")[0][..5],
+        ["4401", "1", "1", "1", "3"]
+    );
+    assert_eq!(table(&s, "lrn_learners")[0][2], "João Conceição da Silva");
+    app.stop().await;
+}
+
+fn many_bodies(n: u64) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            completion(
+                1 + i % 13,
+                1 + (i * 7) % 401,
+                1 + i % 9,
+                &format!(
+                    "2024-{:02}-{:02} {:02}:{:02}:00",
+                    1 + i % 12,
+                    1 + i % 28,
+                    i % 24,
+                    i % 60
+                ),
+            )
+        })
+        .collect()
+}
+
+/// A cheap, seedable pseudo-random sequence (no need for a crate here).
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projector_killed_at_random_points_ends_equal_to_a_fresh_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let head = seed_events(&data, many_bodies(4000)).await;
+    assert_eq!(head, 4000);
+
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("kill schedule seed: {seed}");
+    let mut rng = seed;
+    for round in 0..5 {
+        // Sometimes two projectors at once: the lease keeps one waiting.
+        let count = if round % 2 == 0 { 2 } else { 1 };
+        let mut children: Vec<_> = (0..count)
+            .map(|_| {
+                tracker_command(&["project"], &data)
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let delay = 50 + next_random(&mut rng) % 400;
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        for child in &mut children {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    let mut last = tracker_command(&["project"], &data)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let read = SqliteReadStore::open(data.join("readmodels")).unwrap();
+    wait_for_checkpoints(&read, head).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(last.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::task::spawn_blocking(move || last.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    let survived = read.snapshot().await.unwrap();
+    assert_eq!(total_completions(&survived), 4000);
+    assert_eq!(table(&survived, "lrn_completions").len(), 4000);
+
+    // `tracker replay` builds a fresh generation from position 0 and switches to it.
+    let out = tracker_command(&["replay"], &data).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is now current"));
+    let before = read.generation();
+    read.follow_current().await.unwrap();
+    assert_ne!(read.generation(), before);
+    assert!(
+        read.snapshot().await.unwrap() == survived,
+        "read models after kills differ from a fresh replay"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_projector_and_a_separate_project_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let toml = format!("[[sources]]\nid = \"t\"\ntoken = \"{TOKEN}\"\ninstitutions = [\"*\"]\n");
+    let serve = ChildTracker::start_with(&data, Some(&toml), &["--no-projector"]);
+    let client = reqwest::Client::new();
+    let post = |body: String| {
+        client
+            .post(serve.webhook(TOKEN))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        post(DOCUMENTED.to_owned()).await.unwrap().status().as_u16(),
+        200
+    );
+    let read = SqliteReadStore::open(data.join("readmodels")).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        read.checkpoints().await.unwrap().is_empty(),
+        "serve --no-projector projected"
+    );
+
+    let mut project = tracker_command(&["project"], &data)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoints(&read, 1).await;
+    assert_eq!(post(MULTI.to_owned()).await.unwrap().status().as_u16(), 200);
+    wait_for_checkpoints(&read, 2).await;
+    let s = read.snapshot().await.unwrap();
+    assert_eq!(total_completions(&s), 2);
+
+    // serve reports the projector's progress, wherever it runs.
+    let ready: serde_json::Value = client
+        .get(format!("http://{}/readyz", serve.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let lags: Vec<u64> = ready["projections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["lag"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lags, [0, 0], "{ready}");
+    project.kill().unwrap();
+    project.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_stop_mode_halts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    seed_events(&data, vec![DOCUMENTED.to_owned()]).await;
+    append_undecodable(&data).await;
+    seed_events(&data, vec![MULTI.to_owned()]).await;
+
+    let out = tracker_command(&["project", "--on-error", "stop"], &data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("stopped at position 2"), "{stderr}");
+
+    let mut project = tracker_command(&["project"], &data)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let read = SqliteReadStore::open(data.join("readmodels")).unwrap();
+    wait_for_checkpoints(&read, 3).await;
+    project.kill().unwrap();
+    project.wait().unwrap();
+    let out = tracker_command(&["dead-letters"], &data).output().unwrap();
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "one per projection: {lines:?}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["position"] == 2 && l["event_type"] == "TrailCompleted")
+    );
+}
+
+async fn append_undecodable(data_dir: &Path) {
+    use tracker_store::{EventMetadata, EventStore as _, ExpectedRevision, NewEvent};
+    let store =
+        tracker_store::sqlite::SqliteEventStore::open(data_dir.join("events.sqlite")).unwrap();
+    store
+        .append(
+            "learner-1-1",
+            ExpectedRevision::Any,
+            vec![NewEvent {
+                id: uuid::Uuid::new_v4(),
+                event_type: "TrailCompleted".into(),
+                schema_version: 1,
+                data: "{\"not\": \"a completion\"}".into(),
+                metadata: EventMetadata {
+                    received_at: chrono::Utc::now(),
+                    source_id: "t".into(),
+                    request_id: "r".into(),
+                    content_hash: "sha256:00".into(),
+                },
+            }],
+        )
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+}
