@@ -339,6 +339,13 @@ impl<'a> Obj<'a> {
 
     fn string(&self, key: &str) -> Result<&'a str, DeliveryError> {
         match self.required(key)? {
+            // NUL is valid JSON but no text column (PostgreSQL's included)
+            // can hold it, and no name or title means it.
+            Value::String(s) if s.contains('\0') => Err(invalid(
+                ErrorCode::WrongType,
+                &self.path(key),
+                "must not contain the NUL character (\\u0000)".to_owned(),
+            )),
             Value::String(s) => Ok(s),
             other => Err(self.wrong_type(key, "a string", other)),
         }
@@ -676,6 +683,12 @@ mod tests {
                 WrongType,
                 "data.user.email",
             ),
+            (
+                vec!["data", "user", "name"],
+                Some(json!("a\u{0}b")),
+                WrongType,
+                "data.user.name",
+            ),
             (vec!["data", "trail"], None, MissingField, "data.trail"),
             (
                 vec!["data", "trail", "id"],
@@ -790,7 +803,10 @@ mod tests {
     }
 
     fn arb_text() -> impl Strategy<Value = String> {
-        prop_oneof![any::<String>(), "[a-zA-Zçãéô \"\\\\🎓-]{0,30}"]
+        prop_oneof![
+            any::<String>().prop_map(|s| s.replace('\0', "")),
+            "[a-zA-Zçãéô \"\\\\🎓-]{0,30}"
+        ]
     }
 
     fn arb_time() -> impl Strategy<Value = String> {
