@@ -1333,6 +1333,22 @@ impl ReadStore for PgReadStore {
         Ok(())
     }
 
+    async fn live_leases(&self) -> Result<Vec<String>, ReadStoreError> {
+        let s = self.schema();
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT name FROM {s}.leases WHERE expires_at > clock_timestamp() ORDER BY name"
+            ))
+            .await
+            .map_err(pg("listing leases"))?;
+        let rows = client
+            .query(&stmt, &[])
+            .await
+            .map_err(pg("listing leases"))?;
+        Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+    }
+
     async fn checkpoints(&self) -> Result<Vec<(String, Position)>, ReadStoreError> {
         let s = self.schema();
         let client = self.client().await?;

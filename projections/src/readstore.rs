@@ -81,6 +81,18 @@ impl CheckpointKey {
             partition: Partition::WHOLE,
         }
     }
+
+    /// Reads back what `Display` wrote (`institutions`, `learners@1/2`).
+    pub fn parse(text: &str) -> Option<Self> {
+        let (name, partition) = match text.split_once('@') {
+            Some((name, partition)) => (name, Partition::parse(partition).ok()?),
+            None => (text, Partition::WHOLE),
+        };
+        Some(Self {
+            projection: ProjectionKind::parse(name)?,
+            partition,
+        })
+    }
 }
 
 impl fmt::Display for CheckpointKey {
@@ -172,6 +184,9 @@ pub trait ReadStore: Send + Sync + fmt::Debug {
     ) -> Result<bool, ReadStoreError>;
 
     async fn release_lease(&self, name: &str, holder: &LeaseHolder) -> Result<(), ReadStoreError>;
+
+    /// Names of the leases held (not expired) right now.
+    async fn live_leases(&self) -> Result<Vec<String>, ReadStoreError>;
 
     /// Every checkpoint of this generation.
     async fn checkpoints(&self) -> Result<Vec<(String, Position)>, ReadStoreError>;

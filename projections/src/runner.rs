@@ -56,6 +56,16 @@ impl Default for RunnerConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
+    #[error(
+        "projection {key} cannot start: {other} has projected further ({other_position} > {position}) \
+         under another partition scheme; run `tracker replay` after changing --partition"
+    )]
+    PartitionSchemeChanged {
+        key: String,
+        position: Position,
+        other: String,
+        other_position: Position,
+    },
     #[error("projection {key} stopped at position {position}: {error} (--on-error stop)")]
     Halted {
         key: String,
@@ -136,6 +146,20 @@ impl Runner {
             return Ok(self.pause(shutdown, backoff.next()).await);
         }
         if let Some((holder, ttl)) = &self.config.lease {
+            // Workers of another partition scheme would apply the same events
+            // to the same rows under other checkpoint keys: never run beside them.
+            match self.read.live_leases().await {
+                Ok(leases) => {
+                    if let Some(other) = leases.iter().find(|l| self.other_scheme(l)) {
+                        tracing::warn!(key = %self.key, %other, "a projector with another partition scheme is running; waiting");
+                        return Ok(self.pause(shutdown, *ttl / 3).await);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(key = %self.key, error = %e, "listing leases");
+                    return Ok(self.pause(shutdown, backoff.next()).await);
+                }
+            }
             match self
                 .read
                 .acquire_lease(&self.key.to_string(), holder, *ttl)
@@ -159,6 +183,25 @@ impl Runner {
                 return Ok(self.pause(shutdown, backoff.next()).await);
             }
         };
+        match self.read.checkpoints().await {
+            Ok(all) => {
+                if let Some((other, other_position)) = all
+                    .into_iter()
+                    .find(|(k, p)| self.other_scheme(k) && *p > checkpoint)
+                {
+                    return Err(RunnerError::PartitionSchemeChanged {
+                        key: self.key.to_string(),
+                        position: checkpoint,
+                        other,
+                        other_position,
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::warn!(key = %self.key, error = %e, "reading the checkpoints");
+                return Ok(self.pause(shutdown, backoff.next()).await);
+            }
+        }
         tracing::info!(key = %self.key, generation = %self.read.generation(), checkpoint, "projecting");
         let mut subscription = self.events.subscribe_all(checkpoint + 1);
         let renew_every = self
@@ -265,6 +308,13 @@ impl Runner {
             })),
             None => Ok(()),
         }
+    }
+
+    /// Whether `key` names this projection under another partition count.
+    fn other_scheme(&self, key: &str) -> bool {
+        CheckpointKey::parse(key).is_some_and(|k| {
+            k.projection == self.key.projection && k.partition.count != self.key.partition.count
+        })
     }
 
     async fn renew_lease(&self) -> bool {

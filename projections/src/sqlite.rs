@@ -812,6 +812,19 @@ impl ReadStore for SqliteReadStore {
         .await
     }
 
+    async fn live_leases(&self) -> Result<Vec<String>, ReadStoreError> {
+        self.with_conn(|conn, _| {
+            let mut stmt = conn
+                .prepare_cached("SELECT name FROM leases WHERE expires_at > ?1 ORDER BY name")
+                .map_err(storage)?;
+            let rows = stmt
+                .query_map([now_ms()], |r| r.get::<_, String>(0))
+                .map_err(storage)?;
+            rows.map(|r| r.map_err(storage)).collect()
+        })
+        .await
+    }
+
     async fn checkpoints(&self) -> Result<Vec<(String, Position)>, ReadStoreError> {
         self.with_conn(|conn, _| {
             let mut stmt = conn

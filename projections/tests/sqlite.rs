@@ -753,3 +753,82 @@ fn processes_opening_a_new_read_store_together_agree_on_one_generation() {
         .collect();
     assert!(generations.iter().all(|g| g == "g1"), "{generations:?}");
 }
+
+/// Workers of different partition schemes would apply the same events under
+/// different checkpoint keys: the runner refuses to start behind another
+/// scheme's progress, and waits while another scheme's worker is live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_schemes_are_never_mixed() {
+    let env = env();
+    for i in 0..20u64 {
+        ingest(
+            &*env.events,
+            &delivery(1 + i % 3, 1 + i, "L", 1, "T", "2024-01-01 10:00:00", &[]),
+        )
+        .await;
+    }
+    let half = |index| RunnerConfig {
+        partition: Partition { index, count: 2 },
+        ..RunnerConfig::default()
+    };
+    // Whole, then halves: the halves start from the whole checkpoint.
+    let (tx, tasks) = start_all(&env, RunnerConfig::default());
+    caught_up(&env.read, 20, &whole_keys()).await;
+    stop(tx, tasks).await;
+    let (tx, rx) = watch::channel(false);
+    let halves: Vec<_> = (0..2)
+        .map(|i| runner(&env, ProjectionKind::Institutions, half(i)))
+        .collect();
+    let keys: Vec<_> = halves.iter().map(Runner::key).collect();
+    let tasks: Vec<_> = halves
+        .into_iter()
+        .map(|r| tokio::spawn(r.run(rx.clone())))
+        .collect();
+    let last = ingest(
+        &*env.events,
+        &delivery(2, 99, "L", 1, "T", "2024-01-02 10:00:00", &[]),
+    )
+    .await;
+    caught_up(&env.read, last, &keys).await;
+
+    // While the halves run, a whole worker waits instead of projecting.
+    let (whole_tx, whole_rx) = watch::channel(false);
+    let whole = tokio::spawn(
+        runner(&env, ProjectionKind::Institutions, RunnerConfig::default()).run(whole_rx),
+    );
+    let another = ingest(
+        &*env.events,
+        &delivery(1, 98, "L", 1, "T", "2024-01-02 11:00:00", &[]),
+    )
+    .await;
+    caught_up(&env.read, another, &keys).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let key = CheckpointKey::whole(ProjectionKind::Institutions);
+    assert_eq!(
+        env.read.checkpoint(key).await.unwrap(),
+        20,
+        "the whole worker projected beside the halves"
+    );
+    whole_tx.send(true).unwrap();
+    whole.await.unwrap().unwrap();
+    tx.send(true).unwrap();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let s = env.read.snapshot().await.unwrap();
+    let total: u64 = table(&s, "inst_summary")
+        .iter()
+        .map(|r| r[1].parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(total, 22, "each event counted once");
+
+    // With the halves stopped but ahead, a whole worker refuses to start.
+    let (_tx, rx) = watch::channel(false);
+    let result = runner(&env, ProjectionKind::Institutions, RunnerConfig::default())
+        .run(rx)
+        .await;
+    assert!(
+        matches!(result, Err(RunnerError::PartitionSchemeChanged { .. })),
+        "{result:?}"
+    );
+}
