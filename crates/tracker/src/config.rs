@@ -108,6 +108,7 @@ impl Serialize for InstitutionScope {
 
 /// A webhook sender: its URL token and the institutions it may post for.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     pub id: String,
     pub token: Secret,
@@ -119,6 +120,7 @@ pub struct SourceConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct EventStoreConfig {
     /// Unset: the embedded store in `data_dir`. `esdb://...` or
     /// `esdb+discover://...`: EventStoreDB / KurrentDB.
@@ -144,6 +146,7 @@ impl Default for EventStoreConfig {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReadStoreConfig {
     /// Unset: SQLite files in `data_dir/readmodels`. `postgres://...`: PostgreSQL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -162,6 +165,7 @@ pub enum OnErrorSetting {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProjectorConfig {
     /// Most events applied in one transaction.
     pub batch_size: usize,
@@ -191,6 +195,7 @@ pub enum LogFormat {
 /// Everything the tracker can be told. Field names are the TOML keys and,
 /// upper-cased behind `TRACKER_`, the environment variables.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
@@ -261,8 +266,14 @@ impl Config {
             }
             figment = figment.merge(Toml::file(file));
         }
+        // Unknown keys are refused (a typo must not be silently ignored), so
+        // variables that are not settings are left out here: the config
+        // file's path, the log filter, and the test suites' own variables.
         let env = Env::prefixed("TRACKER_")
-            .ignore(&["config", "log"])
+            .filter(|key| {
+                let key = key.as_str().to_ascii_lowercase();
+                key != "config" && key != "log" && !key.starts_with("test_")
+            })
             .map(|key| {
                 let key = key.as_str().to_ascii_lowercase();
                 ENV_SECTIONS
@@ -442,6 +453,28 @@ mod tests {
                 r#"[{id="a",token="0123456789abcdef",institutions=[0]}]"#,
             );
             assert!(Config::load(None, &Overrides::default()).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_settings_are_refused_by_name() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TRACKER_LISTNE", "0.0.0.0:1");
+            let e = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("listne"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TRACKER_READ_STORE_URI", "postgres://x");
+            let e = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("uri"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TRACKER_LOG", "debug");
+            jail.set_env("TRACKER_TEST_EVENTSTORE_URL", "esdb://x");
+            Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
             Ok(())
         });
     }
