@@ -4,6 +4,7 @@
 
 mod concurrency;
 mod durability;
+mod eventstoredb;
 mod ops;
 mod projections;
 mod support;
