@@ -44,3 +44,69 @@ async fn health_readiness_and_metrics() {
     assert_eq!(value("tracker_append_duration_seconds_count"), 3.0);
     app.stop().await;
 }
+
+/// Projection progress and dead letters are visible to operators.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_lag_and_dead_letters_in_metrics_and_readyz() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Three events, one of which no projection can read.
+    seed_events(&data, vec![DOCUMENTED.to_owned()]).await;
+    append_undecodable(&data).await;
+    seed_events(&data, vec![MULTI.to_owned()]).await;
+
+    // Without a projector, everything is lag.
+    let app = TestApp::spawn_with(|c| c.data_dir = data.clone()).await;
+    let ready: serde_json::Value = app
+        .client
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "ready");
+    let projections = ready["projections"].as_array().unwrap();
+    assert_eq!(projections.len(), 2);
+    assert!(
+        projections
+            .iter()
+            .all(|p| p["checkpoint"].as_u64().unwrap() <= 3)
+    );
+
+    // The in-process projector catches up; then lag is 0 and the dead
+    // letters (one per projection) are counted.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = app
+            .client
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("tracker_projection_lag_events{projection=\"learners\"} 0")
+            && text.contains("tracker_projection_lag_events{projection=\"institutions\"} 0")
+        {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "projections did not catch up:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(
+        text.contains("tracker_projection_checkpoint_position{projection=\"institutions\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tracker_event_store_head_position 3"),
+        "{text}"
+    );
+    assert!(text.contains("tracker_projection_dead_letters 2"), "{text}");
+    app.stop().await;
+}

@@ -1,7 +1,6 @@
 //! Projection workers as a user runs them: inside `serve`, as separate
 //! `tracker project` processes (killed at random), and `tracker replay`.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tracker_projections::ReadStore as _;
@@ -249,30 +248,4 @@ async fn dead_letters_are_listed_and_stop_mode_halts() {
             .iter()
             .all(|l| l["position"] == 2 && l["event_type"] == "TrailCompleted")
     );
-}
-
-async fn append_undecodable(data_dir: &Path) {
-    use tracker_store::{EventMetadata, EventStore as _, ExpectedRevision, NewEvent};
-    let store =
-        tracker_store::sqlite::SqliteEventStore::open(data_dir.join("events.sqlite")).unwrap();
-    store
-        .append(
-            "learner-1-1",
-            ExpectedRevision::Any,
-            vec![NewEvent {
-                id: uuid::Uuid::new_v4(),
-                event_type: "TrailCompleted".into(),
-                schema_version: 1,
-                data: "{\"not\": \"a completion\"}".into(),
-                metadata: EventMetadata {
-                    received_at: chrono::Utc::now(),
-                    source_id: "t".into(),
-                    request_id: "r".into(),
-                    content_hash: "sha256:00".into(),
-                },
-            }],
-        )
-        .await
-        .unwrap();
-    store.close().await.unwrap();
 }

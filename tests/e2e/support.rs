@@ -345,3 +345,30 @@ pub async fn events_on_disk(data_dir: &Path) -> Vec<tracker_store::RecordedEvent
     store.close().await.unwrap();
     events
 }
+
+/// Appends an event of a known type whose data no projection can read.
+pub async fn append_undecodable(data_dir: &Path) {
+    use tracker_store::{EventMetadata, EventStore as _, ExpectedRevision, NewEvent};
+    let store =
+        tracker_store::sqlite::SqliteEventStore::open(data_dir.join("events.sqlite")).unwrap();
+    store
+        .append(
+            "learner-1-1",
+            ExpectedRevision::Any,
+            vec![NewEvent {
+                id: uuid::Uuid::new_v4(),
+                event_type: "TrailCompleted".into(),
+                schema_version: 1,
+                data: "{\"not\": \"a completion\"}".into(),
+                metadata: EventMetadata {
+                    received_at: chrono::Utc::now(),
+                    source_id: "t".into(),
+                    request_id: "r".into(),
+                    content_hash: "sha256:00".into(),
+                },
+            }],
+        )
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+}
