@@ -328,8 +328,11 @@ async fn finish(
         Err(e) => (e.status, e.code, Some(e.message.clone()), None, None),
     };
     state.metrics.delivery(reason, status.as_u16());
+    // Every call is in the delivery log and the metrics; the log line for an
+    // accepted one is debug so a burst of thousands a second does not turn
+    // into thousands of synchronous writes to stderr.
     match &handled.result {
-        Ok(_) => tracing::info!(status = status.as_u16(), outcome = reason, "delivery"),
+        Ok(_) => tracing::debug!(status = status.as_u16(), outcome = reason, "delivery"),
         Err(_) => tracing::warn!(
             status = status.as_u16(),
             outcome = reason,
