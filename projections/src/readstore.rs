@@ -206,6 +206,13 @@ pub trait ReadStore: Send + Sync + fmt::Debug {
     /// it whatever the current pointer says.
     async fn create_generation(&self) -> Result<Box<dyn ReadStore>, ReadStoreError>;
 
+    /// Makes everything this handle wrote durable. A generation being built
+    /// may be written with relaxed durability (nobody reads it, and a crash
+    /// only abandons it); `replay` seals it before making it current.
+    async fn seal(&self) -> Result<(), ReadStoreError> {
+        Ok(())
+    }
+
     /// Makes `generation` current (atomically), and drops generations older
     /// than the one it replaces.
     async fn switch_to(&self, generation: &str) -> Result<(), ReadStoreError>;

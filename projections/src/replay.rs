@@ -2,10 +2,14 @@
 //! generation is built beside the current one (which stays readable and, if
 //! a projector runs, live), then made current in one atomic switch once it
 //! has caught up with the log.
+//!
+//! The rebuild is a pipeline: one task reads the log in large slices and
+//! decodes each event once, while the other applies the previous slice to
+//! every projection; reading and writing overlap, on separate cores.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
+use tokio::sync::mpsc;
 use tracker_store::{EventStore, Position, ReadAll};
 
 use crate::model::Completion;
@@ -18,8 +22,7 @@ pub const REPLAY_BATCH: usize = 10_000;
 /// Where a rebuild stands, for a progress bar or log lines.
 #[derive(Debug, Clone, Copy)]
 pub struct ReplayProgress {
-    /// Events read and applied by every projection (summed over projections
-    /// divided by their number: the log position they all passed).
+    /// Every projection has applied the log up to here.
     pub done: Position,
     /// The log head when last looked at.
     pub head: Position,
@@ -35,6 +38,14 @@ pub enum ReplayError {
     Task(String),
 }
 
+/// One decoded slice of the log.
+struct Slice {
+    completions: Vec<Completion>,
+    /// (position, event id, event type, error) of events that did not decode.
+    undecodable: Vec<(Position, uuid::Uuid, String, String)>,
+    through: Position,
+}
+
 /// Rebuilds every projection into a new generation and switches to it.
 /// Returns the new generation's name.
 pub async fn replay(
@@ -42,92 +53,96 @@ pub async fn replay(
     read: &dyn ReadStore,
     progress: impl Fn(ReplayProgress) + Send + Sync + 'static,
 ) -> Result<String, ReplayError> {
-    let target: Arc<dyn ReadStore> = Arc::from(read.create_generation().await?);
+    let target = read.create_generation().await?;
     let generation = target.generation();
     tracing::info!(%generation, "rebuilding read models");
-    let done: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
-    let head = Arc::new(AtomicU64::new(events.head().await?));
-    let progress = Arc::new(progress);
+    let mut head = events.head().await?;
 
-    let mut tasks = Vec::new();
-    for (slot, kind) in ProjectionKind::ALL.into_iter().enumerate() {
-        let (events, target, done, head, progress) = (
-            Arc::clone(&events),
-            Arc::clone(&target),
-            Arc::clone(&done),
-            Arc::clone(&head),
-            Arc::clone(&progress),
-        );
-        tasks.push(tokio::spawn(async move {
-            let report = || {
-                let total: u64 = done.iter().map(|d| d.load(Ordering::Relaxed)).sum();
-                progress(ReplayProgress {
-                    done: total / done.len() as u64,
-                    head: head.load(Ordering::Relaxed),
-                });
-            };
-            let through = rebuild(kind, &*events, &*target, |p| {
-                done[slot].store(p, Ordering::Relaxed);
-                report();
-            })
-            .await?;
-            head.fetch_max(through, Ordering::Relaxed);
-            Ok::<_, ReplayError>(())
-        }));
+    let (tx, mut rx) = mpsc::channel::<Result<Slice, ReplayError>>(2);
+    let reader = tokio::spawn(read_slices(Arc::clone(&events), tx));
+    while let Some(slice) = rx.recv().await {
+        let mut slice = slice?;
+        for (i, kind) in ProjectionKind::ALL.into_iter().enumerate() {
+            let dead_letters = slice
+                .undecodable
+                .iter()
+                .map(|(position, id, event_type, error)| DeadLetter {
+                    projection: kind.name().to_owned(),
+                    position: *position,
+                    event_id: *id,
+                    event_type: event_type.clone(),
+                    error: error.clone(),
+                    recorded_at: chrono::Utc::now(),
+                })
+                .collect();
+            target
+                .apply(ApplyBatch {
+                    key: CheckpointKey::whole(kind),
+                    // The last projection takes the slice; the others copy it.
+                    completions: if i + 1 == ProjectionKind::ALL.len() {
+                        std::mem::take(&mut slice.completions)
+                    } else {
+                        slice.completions.clone()
+                    },
+                    dead_letters,
+                    through: slice.through,
+                    lease: None,
+                })
+                .await?;
+        }
+        head = head.max(slice.through);
+        progress(ReplayProgress {
+            done: slice.through,
+            head,
+        });
     }
-    for task in tasks {
-        task.await.map_err(|e| ReplayError::Task(e.to_string()))??;
-    }
+    reader
+        .await
+        .map_err(|e| ReplayError::Task(e.to_string()))?;
+    target.seal().await?;
     read.switch_to(&generation).await?;
     tracing::info!(%generation, "rebuilt read models are now current");
     Ok(generation)
 }
 
-/// Applies the whole log to `target` for one projection, until a read finds
-/// nothing new. Returns the position reached.
-async fn rebuild(
-    kind: ProjectionKind,
-    events: &dyn EventStore,
-    target: &dyn ReadStore,
-    mut on_progress: impl FnMut(Position),
-) -> Result<Position, ReplayError> {
-    let key = CheckpointKey::whole(kind);
-    let mut next = target.checkpoint(key).await? + 1;
+/// Reads the whole log (until a read finds nothing new) and decodes it.
+async fn read_slices(events: Arc<dyn EventStore>, tx: mpsc::Sender<Result<Slice, ReplayError>>) {
+    let mut next = 1;
     loop {
-        let slice = events
+        let events = match events
             .read_all(ReadAll {
                 from: next,
                 limit: REPLAY_BATCH,
             })
-            .await?;
-        let Some(last) = slice.last().map(|e| e.position) else {
-            return Ok(next - 1);
+            .await
+        {
+            Ok(events) => events,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
         };
-        let mut completions = Vec::with_capacity(slice.len());
-        let mut dead_letters = Vec::new();
-        for event in slice.iter().filter(|e| Completion::wants(e)) {
+        let Some(through) = events.last().map(|e| e.position) else {
+            return;
+        };
+        let mut slice = Slice {
+            completions: Vec::with_capacity(events.len()),
+            undecodable: Vec::new(),
+            through,
+        };
+        for event in events.iter().filter(|e| Completion::wants(e)) {
             match Completion::decode(event) {
-                Ok(c) => completions.push(c),
-                Err(e) => dead_letters.push(DeadLetter {
-                    projection: kind.name().to_owned(),
-                    position: event.position,
-                    event_id: event.id,
-                    event_type: event.event_type.clone(),
-                    error: e.0,
-                    recorded_at: chrono::Utc::now(),
-                }),
+                Ok(c) => slice.completions.push(c),
+                Err(e) => {
+                    slice
+                        .undecodable
+                        .push((event.position, event.id, event.event_type.clone(), e.0))
+                }
             }
         }
-        target
-            .apply(ApplyBatch {
-                key,
-                completions,
-                dead_letters,
-                through: last,
-                lease: None,
-            })
-            .await?;
-        on_progress(last);
-        next = last + 1;
+        if tx.send(Ok(slice)).await.is_err() {
+            return;
+        }
+        next = through + 1;
     }
 }

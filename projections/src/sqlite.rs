@@ -142,6 +142,15 @@ CREATE INDEX lrn_completions_by_user ON lrn_completions (institution_id, user_id
 CREATE INDEX lrn_completions_by_trail ON lrn_completions (institution_id, trail_id, position);
 CREATE TABLE lrn_m_trail_learners (institution_id INTEGER NOT NULL, trail_id INTEGER NOT NULL,
     user_id INTEGER NOT NULL, PRIMARY KEY (institution_id, trail_id, user_id)) WITHOUT ROWID;
+"#, r#"
+-- The query API: every sort of every list is an index range (keyset pages).
+CREATE INDEX inst_trails_by_name ON inst_trails (institution_id, name, trail_id);
+CREATE INDEX inst_trails_by_completions ON inst_trails (institution_id, completions, trail_id);
+CREATE INDEX inst_courses_by_title ON inst_courses (institution_id, title, course_id);
+CREATE INDEX inst_courses_by_completions ON inst_courses (institution_id, completions, course_id);
+CREATE INDEX lrn_learners_by_name ON lrn_learners (institution_id, name, user_id);
+CREATE INDEX lrn_learners_by_completions ON lrn_learners (institution_id, completions, user_id);
+CREATE INDEX lrn_completions_by_institution ON lrn_completions (institution_id, position);
 "#];
 
 const CONTROL_MIGRATIONS: &[&str] = &[r#"
@@ -965,7 +974,15 @@ impl ReadStore for SqliteReadStore {
                     p.push(suffix);
                     let _ = std::fs::remove_file(PathBuf::from(p));
                 }
-                open(&path, GENERATION_MIGRATIONS)
+                let conn = open(&path, GENERATION_MIGRATIONS)?;
+                // Nobody reads this file until `seal` and the switch, and a
+                // crash before then only abandons it: build it without
+                // waiting for the disk, with a large page cache.
+                conn.pragma_update(None, "synchronous", "OFF")
+                    .map_err(storage)?;
+                conn.pragma_update(None, "cache_size", -262_144)
+                    .map_err(storage)?;
+                Ok::<_, ReadStoreError>(conn)
             }
         })
         .await
@@ -976,6 +993,20 @@ impl ReadStore for SqliteReadStore {
             control,
             follows_current: false,
         }))
+    }
+
+    async fn seal(&self) -> Result<(), ReadStoreError> {
+        self.with_conn(|conn, _| {
+            // Back to full durability, then move the WAL into the database
+            // file, which a checkpoint under synchronous=FULL fsyncs.
+            conn.pragma_update(None, "synchronous", "FULL")
+                .map_err(storage)?;
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .map_err(storage)?;
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(storage)
+        })
+        .await
     }
 
     async fn switch_to(&self, generation: &str) -> Result<(), ReadStoreError> {
