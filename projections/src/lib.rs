@@ -12,6 +12,7 @@
 pub mod model;
 pub mod plan;
 pub mod postgres;
+pub mod query;
 pub mod readstore;
 pub mod replay;
 pub mod runner;
@@ -19,4 +20,5 @@ pub mod sqlite;
 
 pub use model::Completion;
 pub use plan::ProjectionKind;
+pub use query::{QueryError, ReadModelQueries};
 pub use readstore::{CheckpointKey, Partition, ReadStore, ReadStoreError};

@@ -81,7 +81,8 @@ CREATE TABLE tracker_control.current_generation (
 /// Migrations of a generation schema (scope: the generation's name); `{s}`
 /// stands for the schema. Columns in the same order as SQLite's, so
 /// `SELECT *` snapshots line up.
-const GENERATION_MIGRATIONS: &[&str] = &[r#"
+const GENERATION_MIGRATIONS: &[&str] = &[
+    r#"
 CREATE SCHEMA {s};
 CREATE TABLE {s}.checkpoints (
     key      TEXT COLLATE "C" PRIMARY KEY,
@@ -200,7 +201,21 @@ CREATE INDEX lrn_completions_by_user ON {s}.lrn_completions (institution_id, use
 CREATE INDEX lrn_completions_by_trail ON {s}.lrn_completions (institution_id, trail_id, position);
 CREATE TABLE {s}.lrn_m_trail_learners (institution_id BIGINT NOT NULL, trail_id BIGINT NOT NULL,
     user_id BIGINT NOT NULL, PRIMARY KEY (institution_id, trail_id, user_id));
-"#];
+"#,
+    r#"
+-- The query API: every sort of every list is an index range (keyset pages);
+-- text sorts in byte order, as SQLite's.
+CREATE INDEX inst_trails_by_name ON {s}.inst_trails (institution_id, name COLLATE "C", trail_id);
+CREATE INDEX inst_trails_by_completions ON {s}.inst_trails (institution_id, completions, trail_id);
+CREATE INDEX inst_courses_by_title ON {s}.inst_courses (institution_id, title COLLATE "C", course_id);
+CREATE INDEX inst_courses_by_completions ON {s}.inst_courses (institution_id, completions, course_id);
+CREATE INDEX lrn_learners_by_name ON {s}.lrn_learners (institution_id, name COLLATE "C", user_id);
+CREATE INDEX lrn_learners_by_completions ON {s}.lrn_learners (institution_id, completions, user_id);
+CREATE INDEX lrn_completions_by_institution ON {s}.lrn_completions (institution_id, position);
+CREATE INDEX lrn_completions_by_user_time ON {s}.lrn_completions (institution_id, user_id, finished_at, position);
+CREATE INDEX lrn_completions_by_trail_time ON {s}.lrn_completions (institution_id, trail_id, finished_at, position);
+"#,
+];
 
 fn storage(e: impl std::fmt::Display) -> ReadStoreError {
     ReadStoreError::Storage(e.to_string())

@@ -96,9 +96,7 @@ pub async fn replay(
             head,
         });
     }
-    reader
-        .await
-        .map_err(|e| ReplayError::Task(e.to_string()))?;
+    reader.await.map_err(|e| ReplayError::Task(e.to_string()))?;
     target.seal().await?;
     read.switch_to(&generation).await?;
     tracing::info!(%generation, "rebuilt read models are now current");
@@ -133,11 +131,12 @@ async fn read_slices(events: Arc<dyn EventStore>, tx: mpsc::Sender<Result<Slice,
         for event in events.iter().filter(|e| Completion::wants(e)) {
             match Completion::decode(event) {
                 Ok(c) => slice.completions.push(c),
-                Err(e) => {
-                    slice
-                        .undecodable
-                        .push((event.position, event.id, event.event_type.clone(), e.0))
-                }
+                Err(e) => slice.undecodable.push((
+                    event.position,
+                    event.id,
+                    event.event_type.clone(),
+                    e.0,
+                )),
             }
         }
         if tx.send(Ok(slice)).await.is_err() {

@@ -24,7 +24,8 @@ use crate::readstore::{
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Schema of a generation file; `PRAGMA user_version` counts what is applied.
-const GENERATION_MIGRATIONS: &[&str] = &[r#"
+const GENERATION_MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE checkpoints (
     key      TEXT PRIMARY KEY,
     position INTEGER NOT NULL
@@ -142,7 +143,8 @@ CREATE INDEX lrn_completions_by_user ON lrn_completions (institution_id, user_id
 CREATE INDEX lrn_completions_by_trail ON lrn_completions (institution_id, trail_id, position);
 CREATE TABLE lrn_m_trail_learners (institution_id INTEGER NOT NULL, trail_id INTEGER NOT NULL,
     user_id INTEGER NOT NULL, PRIMARY KEY (institution_id, trail_id, user_id)) WITHOUT ROWID;
-"#, r#"
+"#,
+    r#"
 -- The query API: every sort of every list is an index range (keyset pages).
 CREATE INDEX inst_trails_by_name ON inst_trails (institution_id, name, trail_id);
 CREATE INDEX inst_trails_by_completions ON inst_trails (institution_id, completions, trail_id);
@@ -151,7 +153,10 @@ CREATE INDEX inst_courses_by_completions ON inst_courses (institution_id, comple
 CREATE INDEX lrn_learners_by_name ON lrn_learners (institution_id, name, user_id);
 CREATE INDEX lrn_learners_by_completions ON lrn_learners (institution_id, completions, user_id);
 CREATE INDEX lrn_completions_by_institution ON lrn_completions (institution_id, position);
-"#];
+CREATE INDEX lrn_completions_by_user_time ON lrn_completions (institution_id, user_id, finished_at, position);
+CREATE INDEX lrn_completions_by_trail_time ON lrn_completions (institution_id, trail_id, finished_at, position);
+"#,
+];
 
 const CONTROL_MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE generations (

@@ -1039,7 +1039,7 @@ async fn connecting_twice_migrates_once_and_keeps_the_rows() {
         .collect();
     assert_eq!(
         versions,
-        BTreeMap::from([("control".to_owned(), 1), ("g1".to_owned(), 1)])
+        BTreeMap::from([("control".to_owned(), 1), ("g1".to_owned(), 2)])
     );
 }
 

@@ -2,6 +2,10 @@
 //! and as a child process. One test binary for the whole suite.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod api;
+mod api_export;
+mod api_openapi;
+mod api_pages;
 mod concurrency;
 mod durability;
 mod eventstoredb;

@@ -18,6 +18,32 @@ pub const LIMITED_TOKEN: &str = "limited-token-0123456789abc";
 pub const SIGNED_TOKEN: &str = "signed-token-0123456789abcd";
 pub const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
+/// Query API keys: an operator key, and keys for institutions 100 and 10.
+pub const OPERATOR_KEY: &str = "operator-key-0123456789abcdef";
+pub const KEY_100: &str = "institution-100-key-0123456789";
+pub const KEY_10: &str = "institution-10-key-01234567890";
+
+pub fn api_keys() -> Vec<tracker::config::ApiKeyConfig> {
+    use tracker::config::ApiKeyConfig;
+    vec![
+        ApiKeyConfig {
+            id: "operator".into(),
+            key: Secret::new(OPERATOR_KEY),
+            institutions: InstitutionScope::All,
+        },
+        ApiKeyConfig {
+            id: "dashboard-100".into(),
+            key: Secret::new(KEY_100),
+            institutions: InstitutionScope::Only([100].into_iter().collect()),
+        },
+        ApiKeyConfig {
+            id: "dashboard-10".into(),
+            key: Secret::new(KEY_10),
+            institutions: InstitutionScope::Only([10].into_iter().collect()),
+        },
+    ]
+}
+
 pub const DOCUMENTED: &str = include_str!("../fixtures/trail-completed.json");
 pub const MULTI: &str = include_str!("../fixtures/trail-completed-multi-course.json");
 pub const OTHER_SLUG: &str = include_str!("../fixtures/course-completed-other-slug.json");
@@ -84,6 +110,61 @@ impl TestApp {
             client: reqwest::Client::new(),
             dir,
         }
+    }
+
+    /// [`Self::spawn_with`], with the start options given (e.g. no
+    /// projector).
+    pub async fn spawn_with_options(
+        adjust: impl FnOnce(&mut Config),
+        options: StartOptions,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().to_path_buf(),
+            sources: sources(),
+            ..Config::default()
+        };
+        adjust(&mut config);
+        let running = tracker::server::start(config, options).await.unwrap();
+        let base = format!("http://{}", running.local_addr);
+        Self {
+            running: Some(running),
+            base,
+            client: reqwest::Client::new(),
+            dir,
+        }
+    }
+
+    /// GET `path` with `key` as the bearer key and `accept` (if any):
+    /// status, headers and body text.
+    pub async fn api_get(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        accept: Option<&str>,
+    ) -> (u16, reqwest::header::HeaderMap, String) {
+        let mut req = self.client.get(self.url(path));
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        if let Some(accept) = accept {
+            req = req.header("accept", accept);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        (status, headers, res.text().await.unwrap())
+    }
+
+    /// GET `path` as JSON with `key`: status, `X-Consistent-Through` and body.
+    pub async fn api_json(&self, path: &str, key: &str) -> (u16, Option<u64>, Value) {
+        let (status, headers, body) = self.api_get(path, Some(key), None).await;
+        let at = headers
+            .get("x-consistent-through")
+            .map(|v| v.to_str().unwrap().parse().unwrap());
+        let body = serde_json::from_str(&body).unwrap_or(Value::String(body));
+        (status, at, body)
     }
 
     pub fn running(&self) -> &Running {

@@ -119,6 +119,16 @@ pub struct SourceConfig {
     pub signing_secret: Option<Secret>,
 }
 
+/// A client of the query API (`/v1`): its bearer key and the institutions
+/// it may read. `["*"]` is an operator key.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub id: String,
+    pub key: Secret,
+    pub institutions: InstitutionScope,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventStoreConfig {
@@ -207,6 +217,9 @@ pub struct Config {
     pub log_format: LogFormat,
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+    /// Keys of the query API; none: `serve` makes a development operator key.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
     #[serde(default)]
     pub event_store: EventStoreConfig,
     #[serde(default)]
@@ -225,6 +238,7 @@ impl Default for Config {
             shutdown_timeout_secs: 30,
             log_format: LogFormat::Text,
             sources: Vec::new(),
+            api_keys: Vec::new(),
             event_store: EventStoreConfig::default(),
             read_store: ReadStoreConfig::default(),
             projector: ProjectorConfig::default(),
@@ -306,6 +320,7 @@ impl Config {
                 "body_limit must be at least 1024 bytes".into(),
             ));
         }
+        self.check_api_keys()?;
         let mut ids = HashSet::new();
         let mut tokens = HashSet::new();
         for s in &self.sources {
@@ -336,6 +351,39 @@ impl Config {
                 crate::signature::SigningKey::parse(secret.expose()).map_err(|e| {
                     ConfigError::Invalid(format!("sources: signing_secret of {:?}: {e}", s.id))
                 })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn check_api_keys(&self) -> Result<(), ConfigError> {
+        let mut ids = HashSet::new();
+        let mut keys = HashSet::new();
+        for k in &self.api_keys {
+            if k.id.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "api_keys: a key has an empty id".into(),
+                ));
+            }
+            if !ids.insert(k.id.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "api_keys: id {:?} is used twice",
+                    k.id
+                )));
+            }
+            if k.key.expose().len() < 16 {
+                return Err(ConfigError::Invalid(format!(
+                    "api_keys: the key of {:?} must be at least 16 characters",
+                    k.id
+                )));
+            }
+            if !keys.insert(k.key.expose()) {
+                return Err(ConfigError::Invalid(format!(
+                    "api_keys: the key of {:?} is also another key's",
+                    k.id
+                )));
             }
         }
         Ok(())
@@ -475,6 +523,58 @@ mod tests {
             jail.set_env("TRACKER_LOG", "debug");
             jail.set_env("TRACKER_TEST_EVENTSTORE_URL", "esdb://x");
             Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn api_keys_from_a_file_or_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "tracker.toml",
+                r#"
+                [[api_keys]]
+                id = "dashboard-12345"
+                key = "0123456789abcdef0123"
+                institutions = [12345]
+                "#,
+            )?;
+            let c = Config::load(Some(Path::new("tracker.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(c.api_keys.len(), 1);
+            assert_eq!(c.api_keys[0].id, "dashboard-12345");
+            assert_eq!(
+                c.api_keys[0].institutions,
+                InstitutionScope::Only([12345].into_iter().collect())
+            );
+            assert!(!format!("{c:?}").contains("0123456789abcdef0123"));
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "TRACKER_API_KEYS",
+                r#"[{id="ops",key="fedcba9876543210",institutions=["*"]}]"#,
+            );
+            let c = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.api_keys[0].institutions, InstitutionScope::All);
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "TRACKER_API_KEYS",
+                r#"[{id="a",key="short",institutions=["*"]}]"#,
+            );
+            let e = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("api_keys"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "TRACKER_API_KEYS",
+                r#"[{id="a",key="0123456789abcdef",institutions=[1]},{id="a",key="0123456789abcdeg",institutions=[2]}]"#,
+            );
+            let e = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("used twice"), "{e}");
             Ok(())
         });
     }

@@ -3,6 +3,7 @@
 //! chosen. The binary (`src/main.rs`) is a thin command-line layer over this.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod backend;
 pub mod config;
 pub mod error;

@@ -183,6 +183,13 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     server::DEV_SOURCE_ID
                 );
             }
+            if let Some(key) = &running.dev_api_key {
+                // Printed once, on stdout, and never logged: it is the key.
+                println!(
+                    "No [[api_keys]] configured: using development operator key '{}' for all institutions.\nAPI key: {key}",
+                    server::DEV_API_KEY_ID
+                );
+            }
             println!("tracker listening on http://{}", running.local_addr);
             running.wait().await?;
             Ok(())

@@ -11,8 +11,9 @@ use rand::RngCore as _;
 use tracker_store::StoreError;
 use tracker_store::delivery_log::DeliveryLog;
 
+use crate::api::{self, ApiContext, ApiKeys};
 use crate::backend::{BackendError, EventStoreBackend, open_read_store};
-use crate::config::{Config, ConfigError, InstitutionScope, Secret, SourceConfig};
+use crate::config::{ApiKeyConfig, Config, ConfigError, InstitutionScope, Secret, SourceConfig};
 use crate::metrics::Metrics;
 use crate::projector::Projector;
 use crate::sources::Sources;
@@ -23,6 +24,9 @@ use tracker_projections::Partition;
 /// The id of the source `serve` creates when none is configured.
 pub const DEV_SOURCE_ID: &str = "dev";
 const DEV_TOKEN_FILE: &str = "dev-source.token";
+/// The id of the query API key `serve` creates when none is configured.
+pub const DEV_API_KEY_ID: &str = "dev";
+const DEV_API_KEY_FILE: &str = "dev-api.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -41,6 +45,8 @@ pub enum ServeError {
     },
     #[error("sources: {0}")]
     Sources(#[from] crate::signature::SignatureError),
+    #[error("read models: {0}")]
+    Queries(#[from] tracker_projections::QueryError),
 }
 
 /// How `start` behaves beyond the configuration.
@@ -71,10 +77,13 @@ pub struct Running {
     pub local_addr: SocketAddr,
     /// The development source's webhook URL, when one was created.
     pub dev_webhook_url: Option<String>,
+    /// The development operator key of the query API, when one was created.
+    pub dev_api_key: Option<String>,
     handle: ServerHandle,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     backend: EventStoreBackend,
     state: web::Data<AppState>,
+    api: web::Data<ApiContext>,
     projector: Option<Projector>,
 }
 
@@ -127,6 +136,11 @@ impl Running {
     pub fn state(&self) -> &AppState {
         &self.state
     }
+
+    /// What the query API's handlers share.
+    pub fn api(&self) -> &ApiContext {
+        &self.api
+    }
 }
 
 /// Opens the stores and starts serving on `config.listen` (port 0 picks one).
@@ -153,8 +167,27 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Ser
         (config.sources.clone(), None)
     };
 
+    let (key_configs, dev_api_key) = if config.api_keys.is_empty() {
+        let key = dev_secret(&config.data_dir, DEV_API_KEY_FILE)?;
+        (
+            vec![ApiKeyConfig {
+                id: DEV_API_KEY_ID.to_owned(),
+                key: key.clone(),
+                institutions: InstitutionScope::All,
+            }],
+            Some(key),
+        )
+    } else {
+        (config.api_keys.clone(), None)
+    };
+
     let backend = EventStoreBackend::open(&config).await?;
     let read = open_read_store(&config).await?;
+    let api_context = web::Data::new(ApiContext::new(
+        api::backend::open_queries(&config).await?,
+        backend.event_store(),
+        ApiKeys::from_config(&key_configs),
+    ));
     let deliveries = DeliveryLog::open(config.data_dir.join("deliveries.sqlite"))
         .map_err(ServeError::DeliveryLog)?;
     let state = web::Data::new(AppState {
@@ -168,9 +201,12 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Ser
     });
 
     let app_state = state.clone();
+    let app_api = api_context.clone();
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(app_state.clone())
+            .app_data(app_api.clone())
+            .configure(api::configure)
             .service(
                 web::resource("/webhooks/toolzz/{token}")
                     .route(web::post().to(webhook::receive))
@@ -214,10 +250,12 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Ser
     Ok(Running {
         local_addr,
         dev_webhook_url,
+        dev_api_key: dev_api_key.map(|k| k.expose().to_owned()),
         handle,
         server,
         backend,
         state,
+        api: api_context,
         projector,
     })
 }
@@ -242,6 +280,28 @@ fn dev_token(data_dir: &Path) -> Result<Secret, ServeError> {
     let token = hex::encode(bytes);
     write_private(&path, &token).map_err(|e| io("writing", e))?;
     Ok(Secret::new(token))
+}
+
+/// A development secret kept in `file` of the data directory (created on
+/// first use), so it stays the same across restarts.
+fn dev_secret(data_dir: &Path, file: &str) -> Result<Secret, ServeError> {
+    let path = data_dir.join(file);
+    let io = |action, source| ServeError::Io {
+        action,
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(existing) if existing.trim().len() >= 16 => return Ok(Secret::new(existing.trim())),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("reading", e)),
+    }
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    let secret = hex::encode(bytes);
+    write_private(&path, &secret).map_err(|e| io("writing", e))?;
+    Ok(Secret::new(secret))
 }
 
 #[cfg(unix)]

@@ -1,0 +1,516 @@
+//! What the query API answers, as the OpenAPI document describes it: JSON
+//! bodies and the columns of their CSV form.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tracker_projections::query as q;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// The error shape of every 4xx and 5xx answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Machine-readable, e.g. `invalid_parameter`, `forbidden_institution`,
+    /// `institution_not_found`, `not_caught_up`.
+    pub code: String,
+    pub message: String,
+    /// The parameter (or JSON path) at fault, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// One institution's totals.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Summary {
+    pub institution_id: u64,
+    /// Trail completions (a learner completing a trail again counts again).
+    pub completions: u64,
+    /// Distinct learners with at least one completion.
+    pub learners: u64,
+    /// Distinct trails completed at least once.
+    pub trails: u64,
+    /// Distinct courses in completed trails.
+    pub courses: u64,
+    pub first_completed_at: DateTime<Utc>,
+    pub last_completed_at: DateTime<Utc>,
+    /// Log position of the institution's latest completion.
+    pub last_position: u64,
+}
+
+impl From<q::Summary> for Summary {
+    fn from(s: q::Summary) -> Self {
+        Self {
+            institution_id: s.institution_id,
+            completions: s.completions,
+            learners: s.learners,
+            trails: s.trails,
+            courses: s.courses,
+            first_completed_at: s.first_completed_at,
+            last_completed_at: s.last_completed_at,
+            last_position: s.last_position,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Trail {
+    pub trail_id: u64,
+    /// The name in the latest completion.
+    pub name: String,
+    pub completions: u64,
+    /// Distinct learners who completed it.
+    pub learners: u64,
+    pub first_completed_at: DateTime<Utc>,
+    pub last_completed_at: DateTime<Utc>,
+}
+
+impl From<q::Trail> for Trail {
+    fn from(t: q::Trail) -> Self {
+        Self {
+            trail_id: t.trail_id,
+            name: t.name,
+            completions: t.completions,
+            learners: t.learners,
+            first_completed_at: t.first_completed_at,
+            last_completed_at: t.last_completed_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CourseRef {
+    pub course_id: u64,
+    pub title: String,
+}
+
+impl From<q::CourseRef> for CourseRef {
+    fn from(c: q::CourseRef) -> Self {
+        Self {
+            course_id: c.course_id,
+            title: c.title,
+        }
+    }
+}
+
+/// A trail with every course it has listed (by course id; titles are the
+/// latest seen).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TrailDetail {
+    pub trail: Trail,
+    pub courses: Vec<CourseRef>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Course {
+    pub course_id: u64,
+    /// The title in the latest completion listing it.
+    pub title: String,
+    /// Completions of trails that list it.
+    pub completions: u64,
+    pub learners: u64,
+}
+
+impl From<q::Course> for Course {
+    fn from(c: q::Course) -> Self {
+        Self {
+            course_id: c.course_id,
+            title: c.title,
+            completions: c.completions,
+            learners: c.learners,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Learner {
+    pub user_id: u64,
+    /// As in the learner's latest completion.
+    pub name: String,
+    pub email: String,
+    /// Distinct trails completed.
+    pub trails: u64,
+    pub completions: u64,
+    pub first_completed_at: DateTime<Utc>,
+    pub last_completed_at: DateTime<Utc>,
+}
+
+impl From<q::Learner> for Learner {
+    fn from(l: q::Learner) -> Self {
+        Self {
+            user_id: l.user_id,
+            name: l.name,
+            email: l.email,
+            trails: l.trails,
+            completions: l.completions,
+            first_completed_at: l.first_completed_at,
+            last_completed_at: l.last_completed_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LearnerTrail {
+    pub trail_id: u64,
+    pub completions: u64,
+    pub first_completed_at: DateTime<Utc>,
+    pub last_completed_at: DateTime<Utc>,
+}
+
+/// One trail completion.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Completion {
+    /// Log position of the `TrailCompleted` event.
+    pub position: u64,
+    pub event_id: Uuid,
+    pub user_id: u64,
+    pub trail_id: u64,
+    /// The trail's name in this completion.
+    pub trail_name: String,
+    pub finished_at: DateTime<Utc>,
+    /// As the source sent it: wall time in the source time zone.
+    pub finished_at_raw: String,
+    /// The day in the source time zone.
+    pub day: NaiveDate,
+    pub courses: Vec<CourseRef>,
+}
+
+impl From<q::CompletionRow> for Completion {
+    fn from(c: q::CompletionRow) -> Self {
+        Self {
+            position: c.position,
+            event_id: c.event_id,
+            user_id: c.user_id,
+            trail_id: c.trail_id,
+            trail_name: c.trail_name,
+            finished_at: c.finished_at,
+            finished_at_raw: c.finished_at_raw,
+            day: c.day,
+            courses: c.courses.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// A learner with every trail and every completion (by position).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LearnerDetail {
+    pub learner: Learner,
+    /// Every trail the learner completed, by trail id.
+    pub trails: Vec<LearnerTrail>,
+    /// Every completion, by position, with its trail and courses.
+    pub completions: Vec<Completion>,
+}
+
+impl From<q::LearnerDetail> for LearnerDetail {
+    fn from(d: q::LearnerDetail) -> Self {
+        Self {
+            learner: d.learner.into(),
+            trails: d
+                .trails
+                .into_iter()
+                .map(|t| LearnerTrail {
+                    trail_id: t.trail_id,
+                    completions: t.completions,
+                    first_completed_at: t.first_completed_at,
+                    last_completed_at: t.last_completed_at,
+                })
+                .collect(),
+            completions: d.completions.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// A learner of one trail.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TrailLearner {
+    pub user_id: u64,
+    pub name: String,
+    pub email: String,
+    /// Completions of this trail by this learner.
+    pub completions: u64,
+    pub first_completed_at: DateTime<Utc>,
+    pub last_completed_at: DateTime<Utc>,
+}
+
+impl From<q::TrailLearner> for TrailLearner {
+    fn from(l: q::TrailLearner) -> Self {
+        Self {
+            user_id: l.user_id,
+            name: l.name,
+            email: l.email,
+            completions: l.completions,
+            first_completed_at: l.first_completed_at,
+            last_completed_at: l.last_completed_at,
+        }
+    }
+}
+
+/// One bucket of the activity time series.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActivityBucket {
+    /// First day of the bucket (source time zone).
+    pub start: NaiveDate,
+    /// Last day of the bucket, inclusive.
+    pub end: NaiveDate,
+    pub completions: u64,
+    /// Distinct learners with a completion in the bucket.
+    pub learners: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Activity {
+    /// `day`, `week` (ISO, Monday to Sunday) or `month`.
+    pub bucket: String,
+    /// First day of the first bucket.
+    pub from: NaiveDate,
+    /// Last day of the last bucket.
+    pub to: NaiveDate,
+    /// Every bucket from `from` to `to`, empty ones included.
+    pub items: Vec<ActivityBucket>,
+}
+
+/// A recorded event, straight from the event log.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Event {
+    /// Global log position (gap-free from 1).
+    pub position: u64,
+    pub event_id: Uuid,
+    /// `learner-{institution}-{user}` or `institution-{institution}`.
+    pub stream: String,
+    /// Revision in the stream, from 0.
+    pub revision: u64,
+    /// `TrailCompleted`, or the source's slug for other events.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub schema_version: u32,
+    /// When the receiver accepted the delivery.
+    pub received_at: DateTime<Utc>,
+    pub source_id: String,
+    pub request_id: String,
+    /// `sha256:` of the delivery body as received.
+    pub content_hash: String,
+    /// The event data exactly as recorded (it holds the delivery verbatim
+    /// under `delivery`).
+    #[schema(value_type = Object)]
+    pub data: Box<RawValue>,
+}
+
+impl TryFrom<tracker_store::RecordedEvent> for Event {
+    type Error = serde_json::Error;
+
+    fn try_from(e: tracker_store::RecordedEvent) -> Result<Self, Self::Error> {
+        Ok(Self {
+            position: e.position,
+            event_id: e.id,
+            stream: e.stream,
+            revision: e.revision,
+            event_type: e.event_type,
+            schema_version: e.schema_version,
+            received_at: e.metadata.received_at,
+            source_id: e.metadata.source_id,
+            request_id: e.metadata.request_id,
+            content_hash: e.metadata.content_hash,
+            data: RawValue::from_string(e.data)?,
+        })
+    }
+}
+
+macro_rules! page {
+    ($name:ident, $item:ty, $doc:literal) => {
+        #[doc = $doc]
+        #[derive(Debug, Serialize, ToSchema)]
+        pub struct $name {
+            pub items: Vec<$item>,
+            /// Pass as `cursor` for the next page; `null` on the last page.
+            pub next_cursor: Option<String>,
+        }
+    };
+}
+
+page!(TrailPage, Trail, "A page of trails.");
+page!(CoursePage, Course, "A page of courses.");
+page!(LearnerPage, Learner, "A page of learners.");
+page!(
+    TrailLearnerPage,
+    TrailLearner,
+    "A page of a trail's learners."
+);
+page!(CompletionPage, Completion, "A page of completions.");
+page!(
+    EventPage,
+    Event,
+    "A page of recorded events. It may hold fewer than `limit` events (even none) while more follow: a page reads a bounded stretch of the log. Follow `next_cursor` until it is `null`."
+);
+
+/// Rows as CSV: a header and one record per row, the same fields as JSON
+/// (courses as JSON text).
+pub trait CsvRow {
+    const HEADER: &'static [&'static str];
+    fn record(&self) -> Vec<String>;
+}
+
+fn time(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+impl CsvRow for Trail {
+    const HEADER: &'static [&'static str] = &[
+        "trail_id",
+        "name",
+        "completions",
+        "learners",
+        "first_completed_at",
+        "last_completed_at",
+    ];
+    fn record(&self) -> Vec<String> {
+        vec![
+            self.trail_id.to_string(),
+            self.name.clone(),
+            self.completions.to_string(),
+            self.learners.to_string(),
+            time(&self.first_completed_at),
+            time(&self.last_completed_at),
+        ]
+    }
+}
+
+impl CsvRow for Course {
+    const HEADER: &'static [&'static str] = &["course_id", "title", "completions", "learners"];
+    fn record(&self) -> Vec<String> {
+        vec![
+            self.course_id.to_string(),
+            self.title.clone(),
+            self.completions.to_string(),
+            self.learners.to_string(),
+        ]
+    }
+}
+
+impl CsvRow for Learner {
+    const HEADER: &'static [&'static str] = &[
+        "user_id",
+        "name",
+        "email",
+        "trails",
+        "completions",
+        "first_completed_at",
+        "last_completed_at",
+    ];
+    fn record(&self) -> Vec<String> {
+        vec![
+            self.user_id.to_string(),
+            self.name.clone(),
+            self.email.clone(),
+            self.trails.to_string(),
+            self.completions.to_string(),
+            time(&self.first_completed_at),
+            time(&self.last_completed_at),
+        ]
+    }
+}
+
+impl CsvRow for TrailLearner {
+    const HEADER: &'static [&'static str] = &[
+        "user_id",
+        "name",
+        "email",
+        "completions",
+        "first_completed_at",
+        "last_completed_at",
+    ];
+    fn record(&self) -> Vec<String> {
+        vec![
+            self.user_id.to_string(),
+            self.name.clone(),
+            self.email.clone(),
+            self.completions.to_string(),
+            time(&self.first_completed_at),
+            time(&self.last_completed_at),
+        ]
+    }
+}
+
+impl CsvRow for Completion {
+    const HEADER: &'static [&'static str] = &[
+        "position",
+        "event_id",
+        "user_id",
+        "trail_id",
+        "trail_name",
+        "finished_at",
+        "finished_at_raw",
+        "day",
+        "courses",
+    ];
+    fn record(&self) -> Vec<String> {
+        vec![
+            self.position.to_string(),
+            self.event_id.to_string(),
+            self.user_id.to_string(),
+            self.trail_id.to_string(),
+            self.trail_name.clone(),
+            time(&self.finished_at),
+            self.finished_at_raw.clone(),
+            self.day.to_string(),
+            serde_json::to_string(&self.courses).unwrap_or_default(),
+        ]
+    }
+}
+
+impl CsvRow for ActivityBucket {
+    const HEADER: &'static [&'static str] = &["start", "end", "completions", "learners"];
+    fn record(&self) -> Vec<String> {
+        vec![
+            self.start.to_string(),
+            self.end.to_string(),
+            self.completions.to_string(),
+            self.learners.to_string(),
+        ]
+    }
+}
+
+impl CsvRow for Event {
+    const HEADER: &'static [&'static str] = &[
+        "position",
+        "event_id",
+        "stream",
+        "revision",
+        "type",
+        "schema_version",
+        "received_at",
+        "source_id",
+        "request_id",
+        "content_hash",
+        "data",
+    ];
+    fn record(&self) -> Vec<String> {
+        vec![
+            self.position.to_string(),
+            self.event_id.to_string(),
+            self.stream.clone(),
+            self.revision.to_string(),
+            self.event_type.clone(),
+            self.schema_version.to_string(),
+            time(&self.received_at),
+            self.source_id.clone(),
+            self.request_id.clone(),
+            self.content_hash.clone(),
+            self.data.get().to_owned(),
+        ]
+    }
+}
+
+/// `rows` as CSV with a header row.
+pub fn to_csv<R: CsvRow>(rows: &[R]) -> Result<Vec<u8>, csv::Error> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(R::HEADER)?;
+    for row in rows {
+        w.write_record(row.record())?;
+    }
+    w.into_inner().map_err(|e| csv::Error::from(e.into_error()))
+}

@@ -1,0 +1,477 @@
+//! The query API (`/v1`): the read models and the raw event log of one
+//! institution at a time, for analysts, dashboards and auditors.
+//!
+//! Every request is authenticated (`Authorization: Bearer <key>`) and the
+//! key's institutions checked before anything is read. Read-model answers
+//! carry `X-Consistent-Through` (the projection checkpoint they were read
+//! at); `min_position` makes a request wait, up to `wait_ms`, for the
+//! projection to reach a position, so a client reads its own writes or gets
+//! a 503 saying where the projection stands, never stale data silently.
+//! The OpenAPI document ([`openapi`]) is generated from these handlers and
+//! served at `/openapi.json`.
+
+pub mod auth;
+pub mod backend;
+pub mod dto;
+pub mod events;
+pub mod models;
+pub mod openapi;
+pub mod params;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::middleware::{Next, from_fn};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use tracing::Instrument as _;
+use tracker_projections::ProjectionKind;
+use tracker_projections::query::{QueryError, Read, ReadModelQueries};
+use tracker_store::{EventStore, Position};
+
+use crate::error::ApiError;
+use crate::webhook::request_id;
+pub use auth::ApiKeys;
+
+/// The header every read-model answer carries.
+pub const CONSISTENT_THROUGH: &str = "x-consistent-through";
+/// The cursor of the next page, when there is one (also in JSON bodies).
+pub const NEXT_CURSOR: &str = "x-next-cursor";
+/// The longest `wait_ms` a caller may ask for.
+pub const MAX_WAIT_MS: u64 = 5_000;
+/// `wait_ms` when `min_position` is given alone.
+pub const DEFAULT_WAIT_MS: u64 = 1_000;
+/// How often a waiting request looks at the checkpoint again.
+const POLL_EVERY: Duration = Duration::from_millis(5);
+
+/// What the query API's handlers share.
+#[derive(Debug)]
+pub struct ApiContext {
+    pub queries: Arc<dyn ReadModelQueries>,
+    pub events: Arc<dyn EventStore>,
+    pub keys: ApiKeys,
+    /// Events written to NDJSON exports so far (an export's progress can be
+    /// watched from outside: a slow reader holds it back).
+    pub exported_events: AtomicU64,
+}
+
+impl ApiContext {
+    pub fn new(
+        queries: Arc<dyn ReadModelQueries>,
+        events: Arc<dyn EventStore>,
+        keys: ApiKeys,
+    ) -> Self {
+        Self {
+            queries,
+            events,
+            keys,
+            exported_events: AtomicU64::new(0),
+        }
+    }
+
+    pub fn exported_events(&self) -> u64 {
+        self.exported_events.load(Ordering::Relaxed)
+    }
+}
+
+/// An error answer of the query API: the shared error shape plus the
+/// headers some answers need.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: ApiError,
+    pub consistent_through: Option<Position>,
+    pub www_authenticate: Option<&'static str>,
+}
+
+impl Failure {
+    pub fn authenticate(mut self, challenge: &'static str) -> Self {
+        self.www_authenticate = Some(challenge);
+        self
+    }
+
+    pub fn at(mut self, position: Position) -> Self {
+        self.consistent_through = Some(position);
+        self
+    }
+
+    pub fn bad_request(field: &str, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+            .with_field(field)
+            .into()
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, code, message).into()
+    }
+
+    pub fn internal(cause: &dyn std::error::Error) -> Self {
+        ApiError::internal(cause).into()
+    }
+}
+
+impl From<ApiError> for Failure {
+    fn from(error: ApiError) -> Self {
+        Self {
+            error,
+            consistent_through: None,
+            www_authenticate: None,
+        }
+    }
+}
+
+impl From<QueryError> for Failure {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::TooManyBuckets { .. } => Self::bad_request(
+                "bucket",
+                "too_many_buckets",
+                format!("{e}; narrow from/to or use a longer bucket"),
+            ),
+            QueryError::EmptyRange { .. } => {
+                Self::bad_request("from", "invalid_range", e.to_string())
+            }
+            QueryError::KeyMismatch => Self::bad_request(
+                "cursor",
+                "invalid_cursor",
+                "the cursor was made for another list or sort",
+            ),
+            QueryError::Storage(_) => {
+                tracing::error!(error = %e, "read models unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the read models cannot be read right now; retry later",
+                )
+                .into()
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl ResponseError for Failure {
+    fn status_code(&self) -> StatusCode {
+        self.error.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut res = self.error.error_response();
+        let headers = res.headers_mut();
+        if let Some(p) = self.consistent_through {
+            headers.insert(
+                HeaderName::from_static(CONSISTENT_THROUGH),
+                HeaderValue::from(p),
+            );
+        }
+        if let Some(challenge) = self.www_authenticate {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        res
+    }
+}
+
+/// How long a request may wait for a projection to reach a position.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Consistency {
+    pub min_position: Option<Position>,
+    pub wait: Duration,
+}
+
+impl Consistency {
+    pub fn new(min_position: Option<Position>, wait_ms: Option<u64>) -> Result<Self, Failure> {
+        let wait_ms = wait_ms.unwrap_or(DEFAULT_WAIT_MS);
+        if wait_ms > MAX_WAIT_MS {
+            return Err(Failure::bad_request(
+                "wait_ms",
+                "invalid_parameter",
+                format!("wait_ms must be at most {MAX_WAIT_MS}, got {wait_ms}"),
+            ));
+        }
+        Ok(Self {
+            min_position,
+            wait: Duration::from_millis(wait_ms),
+        })
+    }
+}
+
+fn not_caught_up(min: Position, at: Position, projection: ProjectionKind) -> Failure {
+    Failure::from(
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_caught_up",
+            format!(
+                "the {} read model is at position {at}, not yet at min_position {min}; retry later or wait longer (wait_ms)",
+                projection.name()
+            ),
+        )
+        .with_field("min_position"),
+    )
+    .at(at)
+}
+
+/// Runs `query` once the projection has reached `consistency.min_position`
+/// for `institution` (polling its checkpoint), or answers 503 with where it
+/// stands when `consistency.wait` runs out first.
+pub async fn consistent<T, F, Fut>(
+    ctx: &ApiContext,
+    institution: u64,
+    projection: ProjectionKind,
+    consistency: Consistency,
+    query: F,
+) -> Result<Read<T>, Failure>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<Read<T>, QueryError>>,
+{
+    let Some(min) = consistency.min_position else {
+        return Ok(query().await?);
+    };
+    let deadline = Instant::now() + consistency.wait;
+    let mut head_checked = false;
+    loop {
+        let at = ctx
+            .queries
+            .consistent_through(institution, projection)
+            .await?;
+        if at < min && !head_checked {
+            head_checked = true;
+            // Positions come from webhook answers, which are sent once the
+            // event is in the log: one beyond the log's head names no event,
+            // and waiting would not make it one.
+            if let Ok(head) = ctx.events.head().await
+                && min > head
+            {
+                return Err(Failure::bad_request(
+                    "min_position",
+                    "invalid_parameter",
+                    format!(
+                        "min_position {min} is beyond the last recorded event ({head}): no event has that position yet"
+                    ),
+                )
+                .at(at));
+            }
+        }
+        if at >= min {
+            let read = query().await?;
+            // A rebuild may switch generations between the two reads; the
+            // answer must still be at least at `min`.
+            if read.consistent_through >= min {
+                return Ok(read);
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(not_caught_up(min, at, projection));
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// The representations an endpoint offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Csv,
+    Ndjson,
+}
+
+impl Format {
+    fn media_type(self) -> &'static str {
+        match self {
+            Self::Json => "application/json",
+            Self::Csv => "text/csv",
+            Self::Ndjson => "application/x-ndjson",
+        }
+    }
+}
+
+/// The best of `offered` for the request's `Accept` (q-values honoured; the
+/// first offered wins ties and is the answer when nothing offered is named).
+pub fn negotiate(req: &HttpRequest, offered: &[Format]) -> Format {
+    let first = offered.first().copied().unwrap_or(Format::Json);
+    let Some(accept) = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return first;
+    };
+    let ranges: Vec<(String, f32)> = accept
+        .split(',')
+        .filter_map(|range| {
+            let mut parts = range.split(';');
+            let media = parts.next()?.trim().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            Some((media, q))
+        })
+        .collect();
+    let quality = |format: Format| -> Option<f32> {
+        let media = format.media_type();
+        let main = media.split('/').next().unwrap_or("");
+        // The most specific matching range decides.
+        ranges
+            .iter()
+            .filter_map(|(range, q)| {
+                let specificity = if range == media {
+                    3
+                } else if range.strip_suffix("/*") == Some(main) {
+                    2
+                } else if range == "*/*" {
+                    1
+                } else {
+                    return None;
+                };
+                Some((specificity, *q))
+            })
+            .max_by_key(|(s, _)| *s)
+            .map(|(_, q)| q)
+    };
+    let mut best: Option<(Format, f32)> = None;
+    for format in offered {
+        if let Some(q) = quality(*format).filter(|q| *q > 0.0)
+            && best.is_none_or(|(_, b)| q > b)
+        {
+            best = Some((*format, q));
+        }
+    }
+    best.map_or(first, |(f, _)| f)
+}
+
+/// Headers of every successful read-model answer.
+pub fn read_headers(res: &mut HttpResponse, consistent_through: Position, next: Option<&str>) {
+    let headers = res.headers_mut();
+    headers.insert(
+        HeaderName::from_static(CONSISTENT_THROUGH),
+        HeaderValue::from(consistent_through),
+    );
+    if let Some(next) = next.and_then(|n| HeaderValue::from_str(n).ok()) {
+        headers.insert(HeaderName::from_static(NEXT_CURSOR), next);
+    }
+}
+
+/// Answers common to every `/v1` and `/openapi.json` call: a request id
+/// (the caller's when sane), a tracing span naming the key and institution
+/// (never the key itself), one log line, `Cache-Control: no-store` and
+/// `Vary`.
+async fn request_context(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let request_id = request_id(req.headers());
+    let span = tracing::info_span!(
+        "api",
+        request_id = %request_id,
+        path = %req.path(),
+        key = tracing::field::Empty,
+        institution = tracing::field::Empty,
+    );
+    let started = Instant::now();
+    let mut res = next.call(req).instrument(span.clone()).await?;
+    let status = res.status().as_u16();
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    // Answered queries at debug (a dashboard may poll many a second);
+    // refusals and failures where an operator sees them.
+    span.in_scope(|| {
+        if status < 400 {
+            tracing::debug!(status, elapsed_us, "query");
+        } else if status < 500 {
+            tracing::info!(status, elapsed_us, "query refused");
+        } else {
+            tracing::warn!(status, elapsed_us, "query failed");
+        }
+    });
+    let headers = res.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        headers.insert(HeaderName::from_static("x-request-id"), v);
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::VARY,
+        HeaderValue::from_static("Accept, Authorization"),
+    );
+    Ok(res)
+}
+
+/// Any method but GET on a query API path.
+async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
+    let mut res = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} is not allowed here; the query API is read with GET",
+            req.method()
+        ),
+    )
+    .error_response();
+    res.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET"));
+    res
+}
+
+/// A path under `/v1` that names no endpoint.
+async fn no_such_endpoint() -> HttpResponse {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; see /openapi.json",
+    )
+    .error_response()
+}
+
+/// The query API's routes: `/v1/...` and `/openapi.json`.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/openapi.json")
+            .wrap(from_fn(request_context))
+            .route(web::get().to(openapi::document))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::scope("/v1/institutions/{institution_id}")
+            .wrap(from_fn(request_context))
+            .service(get("/summary", models::summary))
+            .service(get("/trails", models::trails))
+            .service(get("/trails/{trail_id}", models::trail))
+            .service(get("/trails/{trail_id}/learners", models::trail_learners))
+            .service(get("/courses", models::courses))
+            .service(get("/learners", models::learners))
+            .service(get("/learners/{user_id}", models::learner))
+            .service(get("/learners/{user_id}/events", events::learner_events))
+            .service(get("/completions", models::completions))
+            .service(get("/activity", models::activity))
+            .service(get("/events", events::institution_events))
+            .default_service(web::to(no_such_endpoint)),
+    )
+    .service(
+        web::scope("/v1")
+            .wrap(from_fn(request_context))
+            .default_service(web::to(no_such_endpoint)),
+    );
+}
+
+fn get<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args>,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    web::resource(path)
+        .route(web::get().to(handler))
+        .default_service(web::to(method_not_allowed))
+}

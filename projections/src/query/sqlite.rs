@@ -1,0 +1,545 @@
+//! Queries over the embedded read store: read-only connections to the
+//! current generation file, used on blocking threads. They never take the
+//! projector's connection, so a query never waits for a projection batch
+//! (WAL: readers see the last commit and do not block the writer).
+//!
+//! Each answer runs in one read transaction: the checkpoint and the rows come
+//! from the same snapshot. The current-generation pointer is read before
+//! each answer (one indexed row of `control.sqlite`); when a rebuild moved
+//! it, the idle connections of the old generation are dropped and new ones
+//! opened on the new file.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql};
+use tracker_store::Position;
+use uuid::Uuid;
+
+use super::*;
+use crate::plan::ProjectionKind;
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_IDLE: usize = 8;
+
+struct Generation {
+    name: String,
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+/// The embedded read models, for queries. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteQueries {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    control: Mutex<Option<Connection>>,
+    current: Mutex<Option<Arc<Generation>>>,
+}
+
+impl fmt::Debug for SqliteQueries {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteQueries")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open_read_only(path: &Path) -> Result<Connection, QueryError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| storage(format!("opening {} for reading: {e}", path.display())))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+impl SqliteQueries {
+    /// Queries over the read store in `dir` (the directory a
+    /// [`crate::sqlite::SqliteReadStore`] was opened on, which creates it).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, QueryError> {
+        let queries = Self {
+            inner: Arc::new(Inner {
+                dir: dir.as_ref().to_path_buf(),
+                control: Mutex::new(None),
+                current: Mutex::new(None),
+            }),
+        };
+        queries.inner.generation()?;
+        Ok(queries)
+    }
+
+    /// Runs `f` in one read transaction on the current generation.
+    async fn read<T, F>(&self, f: F) -> Result<T, QueryError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, QueryError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let generation = inner.generation()?;
+            let conn = generation.checkout()?;
+            let result = (|| {
+                let tx = conn.unchecked_transaction().map_err(storage)?;
+                let value = f(&tx)?;
+                tx.commit().map_err(storage)?;
+                Ok(value)
+            })();
+            generation.checkin(conn);
+            result
+        })
+        .await
+        .map_err(|e| storage(format!("query task failed: {e}")))?
+    }
+}
+
+impl Inner {
+    /// The current generation, re-read from the pointer.
+    fn generation(&self) -> Result<Arc<Generation>, QueryError> {
+        let name = {
+            let mut control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
+            if control.is_none() {
+                *control = Some(open_read_only(&self.dir.join("control.sqlite"))?);
+            }
+            let conn = control
+                .as_ref()
+                .ok_or_else(|| storage("control connection missing"))?;
+            let name: Option<String> = conn
+                .prepare_cached("SELECT name FROM current_generation WHERE id = 1")
+                .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
+                .map_err(storage)?;
+            name.ok_or_else(|| storage("the read store has no current generation yet"))?
+        };
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(g) = current.as_ref().filter(|g| g.name == name) {
+            return Ok(Arc::clone(g));
+        }
+        let generation = Arc::new(Generation {
+            path: self.dir.join(format!("{name}.sqlite")),
+            name,
+            idle: Mutex::new(Vec::new()),
+        });
+        *current = Some(Arc::clone(&generation));
+        Ok(generation)
+    }
+}
+
+impl Generation {
+    fn checkout(&self) -> Result<Connection, QueryError> {
+        let pooled = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        match pooled {
+            Some(conn) => Ok(conn),
+            None => open_read_only(&self.path),
+        }
+    }
+
+    fn checkin(&self, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE {
+            idle.push(conn);
+        }
+    }
+}
+
+struct SqlRow<'a, 'b>(&'a Row<'b>);
+
+impl RowRead for SqlRow<'_, '_> {
+    fn int(&self, i: usize) -> Result<i64, QueryError> {
+        self.0.get(i).map_err(storage)
+    }
+    fn text(&self, i: usize) -> Result<String, QueryError> {
+        self.0.get(i).map_err(storage)
+    }
+    fn time(&self, i: usize) -> Result<DateTime<Utc>, QueryError> {
+        parse_time(&self.text(i)?)
+    }
+    fn uuid(&self, i: usize) -> Result<Uuid, QueryError> {
+        self.text(i)?
+            .parse()
+            .map_err(|e| storage(format!("stored event id: {e}")))
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, QueryError> {
+        self.0.get(i).map_err(storage)
+    }
+}
+
+enum Bound {
+    Int(i64),
+    Text(String),
+}
+
+impl ToSql for Bound {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Self::Int(v) => v.to_sql(),
+            Self::Text(v) => v.to_sql(),
+        }
+    }
+}
+
+fn bound(params: Vec<Param>) -> Vec<Bound> {
+    params
+        .into_iter()
+        .map(|p| match p {
+            Param::Int(v) => Bound::Int(v),
+            Param::Text(v) => Bound::Text(v),
+            Param::Time(t) => Bound::Text(time_text(t)),
+        })
+        .collect()
+}
+
+fn rows<T>(
+    conn: &Connection,
+    sql: &str,
+    params: &[&dyn ToSql],
+    decode: impl Fn(&SqlRow<'_, '_>) -> Result<T, QueryError>,
+) -> Result<Vec<T>, QueryError> {
+    let sql = render(sql, Dialect::Sqlite, "");
+    let mut stmt = conn.prepare_cached(&sql).map_err(storage)?;
+    let mut rows = stmt.query(params).map_err(storage)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(storage)? {
+        out.push(decode(&SqlRow(row))?);
+    }
+    Ok(out)
+}
+
+fn checkpoint(
+    conn: &Connection,
+    institution: u64,
+    projection: ProjectionKind,
+) -> Result<Position, QueryError> {
+    let all = rows(conn, CHECKPOINTS_SQL, &[], |r| decode_checkpoint(r))?;
+    Ok(consistent_through(&all, institution, projection))
+}
+
+fn exists(conn: &Connection, sql: &str, params: &[&dyn ToSql]) -> Result<bool, QueryError> {
+    Ok(!rows(conn, sql, params, |_| Ok(()))?.is_empty())
+}
+
+fn summary(conn: &Connection, institution: u64) -> Result<Option<Summary>, QueryError> {
+    Ok(rows(conn, SUMMARY_SQL, &[&sql_id(institution)], |r| {
+        decode_summary(r)
+    })?
+    .into_iter()
+    .next())
+}
+
+fn list<T: Keyed>(
+    conn: &Connection,
+    kind: ListKind,
+    fixed: &[i64],
+    page: &PageRequest<ListSort, SortKey>,
+    decode: impl Fn(&SqlRow<'_, '_>) -> Result<T, QueryError>,
+) -> Result<Page<T, SortKey>, QueryError> {
+    let (sql, params) = list_sql(kind, page)?;
+    let params = bound(params);
+    let mut all: Vec<&dyn ToSql> = fixed.iter().map(|v| v as &dyn ToSql).collect();
+    all.extend(params.iter().map(|v| v as &dyn ToSql));
+    let found = rows(conn, &sql, &all, decode)?;
+    Ok(into_page(found, page.limit, |r| r.key(page.sort)))
+}
+
+fn read<T>(value: T, consistent_through: Position) -> Read<T> {
+    Read {
+        value,
+        consistent_through,
+    }
+}
+
+#[async_trait]
+impl ReadModelQueries for SqliteQueries {
+    async fn consistent_through(
+        &self,
+        institution: u64,
+        projection: ProjectionKind,
+    ) -> Result<Position, QueryError> {
+        self.read(move |conn| checkpoint(conn, institution, projection))
+            .await
+    }
+
+    async fn summary(&self, institution: u64) -> Result<Read<Option<Summary>>, QueryError> {
+        self.read(move |conn| {
+            let cp = checkpoint(conn, institution, ProjectionKind::Institutions)?;
+            Ok(read(summary(conn, institution)?, cp))
+        })
+        .await
+    }
+
+    async fn trails(
+        &self,
+        institution: u64,
+        page: PageRequest<ListSort, SortKey>,
+    ) -> Result<Read<Lookup<Page<Trail, SortKey>>>, QueryError> {
+        check_list_page(&page)?;
+        self.read(move |conn| {
+            let cp = checkpoint(conn, institution, ProjectionKind::Institutions)?;
+            if summary(conn, institution)?.is_none() {
+                return Ok(read(Lookup::UnknownInstitution, cp));
+            }
+            let p = list(conn, ListKind::Trails, &[sql_id(institution)], &page, |r| {
+                decode_trail(r)
+            })?;
+            Ok(read(Lookup::Found(p), cp))
+        })
+        .await
+    }
+
+    async fn trail(
+        &self,
+        institution: u64,
+        trail: u64,
+    ) -> Result<Read<Lookup<TrailDetail>>, QueryError> {
+        self.read(move |conn| {
+            let cp = checkpoint(conn, institution, ProjectionKind::Institutions)?;
+            if summary(conn, institution)?.is_none() {
+                return Ok(read(Lookup::UnknownInstitution, cp));
+            }
+            let keys: [&dyn ToSql; 2] = [&sql_id(institution), &sql_id(trail)];
+            let Some(found) = rows(conn, TRAIL_SQL, &keys, |r| decode_trail(r))?
+                .into_iter()
+                .next()
+            else {
+                return Ok(read(Lookup::UnknownEntity, cp));
+            };
+            let courses = rows(conn, TRAIL_COURSES_SQL, &keys, |r| decode_course_ref(r))?;
+            Ok(read(
+                Lookup::Found(TrailDetail {
+                    trail: found,
+                    courses,
+                }),
+                cp,
+            ))
+        })
+        .await
+    }
+
+    async fn trail_learners(
+        &self,
+        institution: u64,
+        trail: u64,
+        page: PageRequest<ListSort, SortKey>,
+    ) -> Result<Read<Lookup<Page<TrailLearner, SortKey>>>, QueryError> {
+        check_list_page(&page)?;
+        self.read(move |conn| {
+            let cp = checkpoint(conn, institution, ProjectionKind::Learners)?;
+            let inst = sql_id(institution);
+            if !exists(conn, LEARNERS_KNOWN_SQL, &[&inst])? {
+                return Ok(read(Lookup::UnknownInstitution, cp));
+            }
+            if !exists(conn, TRAIL_KNOWN_TO_LEARNERS_SQL, &[&inst, &sql_id(trail)])? {
+                return Ok(read(Lookup::UnknownEntity, cp));
+            }
+            let p = list(
+                conn,
+                ListKind::TrailLearners,
+                &[inst, sql_id(trail)],
+                &page,
+                |r| decode_trail_learner(r),
+            )?;
+            Ok(read(Lookup::Found(p), cp))
+        })
+        .await
+    }
+
+    async fn courses(
+        &self,
+        institution: u64,
+        page: PageRequest<ListSort, SortKey>,
+    ) -> Result<Read<Lookup<Page<Course, SortKey>>>, QueryError> {
+        check_list_page(&page)?;
+        self.read(move |conn| {
+            let cp = checkpoint(conn, institution, ProjectionKind::Institutions)?;
+            if summary(conn, institution)?.is_none() {
+                return Ok(read(Lookup::UnknownInstitution, cp));
+            }
+            let p = list(
+                conn,
+                ListKind::Courses,
+                &[sql_id(institution)],
+                &page,
+                |r| decode_course(r),
+            )?;
+            Ok(read(Lookup::Found(p), cp))
+        })
+        .await
+    }
+
+    async fn learners(
+        &self,
+        institution: u64,
+        page: PageRequest<ListSort, SortKey>,
+    ) -> Result<Read<Lookup<Page<Learner, SortKey>>>, QueryError> {
+        check_list_page(&page)?;
+        self.read(move |conn| {
+            let cp = checkpoint(conn, institution, ProjectionKind::Learners)?;
+            let inst = sql_id(institution);
+            if !exists(conn, LEARNERS_KNOWN_SQL, &[&inst])? {
+                return Ok(read(Lookup::UnknownInstitution, cp));
+            }
+            let p = list(conn, ListKind::Learners, &[inst], &page, |r| {
+                decode_learner(r)
+            })?;
+            Ok(read(Lookup::Found(p), cp))
+        })
+        .await
+    }
+
+    async fn learner(
+        &self,
+        institution: u64,
+        user: u64,
+    ) -> Result<Read<Lookup<LearnerDetail>>, QueryError> {
+        self.read(move |conn| {
+            let cp = checkpoint(conn, institution, ProjectionKind::Learners)?;
+            let inst = sql_id(institution);
+            let keys: [&dyn ToSql; 2] = [&inst, &sql_id(user)];
+            let Some(learner) = rows(conn, LEARNER_SQL, &keys, |r| decode_learner(r))?
+                .into_iter()
+                .next()
+            else {
+                let known = exists(conn, LEARNERS_KNOWN_SQL, &[&inst])?;
+                let lookup = if known {
+                    Lookup::UnknownEntity
+                } else {
+                    Lookup::UnknownInstitution
+                };
+                return Ok(read(lookup, cp));
+            };
+            let trails = rows(conn, LEARNER_TRAILS_SQL, &keys, |r| decode_learner_trail(r))?;
+            let completions = rows(conn, &learner_completions_sql(), &keys, |r| {
+                decode_completion(r)
+            })?;
+            Ok(read(
+                Lookup::Found(LearnerDetail {
+                    learner,
+                    trails,
+                    completions,
+                }),
+                cp,
+            ))
+        })
+        .await
+    }
+
+    async fn completions(
+        &self,
+        institution: u64,
+        filter: CompletionFilter,
+        page: PageRequest<CompletionSort, CompletionKey>,
+    ) -> Result<Read<Lookup<Page<CompletionRow, CompletionKey>>>, QueryError> {
+        check_completion_page(&page)?;
+        self.read(move |conn| {
+            let cp = checkpoint(conn, institution, ProjectionKind::Learners)?;
+            if !exists(conn, LEARNERS_KNOWN_SQL, &[&sql_id(institution)])? {
+                return Ok(read(Lookup::UnknownInstitution, cp));
+            }
+            let (sql, params) = completions_sql(institution, &filter, &page)?;
+            let params = bound(params);
+            let refs: Vec<&dyn ToSql> = params.iter().map(|p| p as &dyn ToSql).collect();
+            let found = rows(conn, &sql, &refs, |r| decode_completion(r))?;
+            let p = into_page(found, page.limit, |r| completion_key(page.sort, r));
+            Ok(read(Lookup::Found(p), cp))
+        })
+        .await
+    }
+
+    async fn activity(
+        &self,
+        institution: u64,
+        request: ActivityRequest,
+    ) -> Result<Read<Lookup<Activity>>, QueryError> {
+        self.read(move |conn| {
+            let cp = checkpoint(conn, institution, ProjectionKind::Institutions)?;
+            let inst = sql_id(institution);
+            if summary(conn, institution)?.is_none() {
+                return Ok(read(Lookup::UnknownInstitution, cp));
+            }
+            let (first, last) = match (request.from, request.to) {
+                (Some(from), Some(to)) => (from, to),
+                (from, to) => {
+                    let bounds = rows(conn, ACTIVITY_BOUNDS_SQL, &[&inst], |r| {
+                        Ok((r.opt_text(0)?, r.opt_text(1)?))
+                    })?;
+                    let (min, max) = bounds.into_iter().next().unwrap_or((None, None));
+                    let min = min.as_deref().map(parse_day).transpose()?;
+                    let max = max.as_deref().map(parse_day).transpose()?;
+                    let today = Utc::now().date_naive();
+                    (from.or(min).unwrap_or(today), to.or(max).unwrap_or(today))
+                }
+            };
+            activity_plan(request.bucket, first, last)?;
+            let (start, end, _) = snap(request.bucket, first, last);
+            let range: [&dyn ToSql; 3] = [&inst, &day_text(start), &day_text(end)];
+            let days = rows(conn, ACTIVITY_DAYS_SQL, &range, |r| {
+                Ok((parse_day(&r.text(0)?)?, count(r, 1)?, count(r, 2)?))
+            })?;
+            let pairs = if request.bucket == Bucket::Day {
+                Vec::new()
+            } else {
+                rows(conn, ACTIVITY_DAY_LEARNERS_SQL, &range, |r| {
+                    Ok((parse_day(&r.text(0)?)?, from_sql_id(r.int(1)?)))
+                })?
+            };
+            Ok(read(
+                Lookup::Found(Activity {
+                    bucket: request.bucket,
+                    from: start,
+                    to: end,
+                    buckets: bucketize(request.bucket, start, end, &days, &pairs),
+                }),
+                cp,
+            ))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::SqliteReadStore;
+
+    /// Every statement reads an index range (`SEARCH`), never a whole table
+    /// or a sort of its rows, except the checkpoints (a handful of rows).
+    #[test]
+    fn every_query_is_an_index_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = SqliteReadStore::open(dir.path()).unwrap();
+        let queries = SqliteQueries::open(dir.path()).unwrap();
+        let generation = queries.inner.generation().unwrap();
+        let conn = generation.checkout().unwrap();
+        for (sql, params) in plan_samples() {
+            let sql = render(&sql, Dialect::Sqlite, "");
+            let params = bound(params);
+            let refs: Vec<&dyn ToSql> = params.iter().map(|p| p as &dyn ToSql).collect();
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let plan: Vec<String> = stmt
+                .query_map(refs.as_slice(), |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            for line in &plan {
+                assert!(
+                    line.starts_with("SEARCH ")
+                        || line.starts_with("SCALAR SUBQUERY")
+                        || line == "SCAN CONSTANT ROW",
+                    "{sql}\nis not index-backed: {plan:?}"
+                );
+                assert!(!line.contains("TEMP B-TREE"), "{sql}\nsorts: {plan:?}");
+            }
+        }
+    }
+}
