@@ -5,6 +5,9 @@ use std::sync::Arc;
 
 use tracker_projections::ReadStore;
 use tracker_projections::postgres::PgReadStore;
+use tracker_projections::query::ReadModelQueries;
+use tracker_projections::query::postgres::PgQueries;
+use tracker_projections::query::sqlite::SqliteQueries;
 use tracker_projections::sqlite::SqliteReadStore;
 use tracker_store::sqlite::SqliteEventStore;
 use tracker_store::{EventStore, StoreError};
@@ -29,6 +32,8 @@ pub enum BackendError {
     Store(#[from] StoreError),
     #[error(transparent)]
     ReadStore(#[from] tracker_projections::ReadStoreError),
+    #[error(transparent)]
+    Queries(#[from] tracker_projections::QueryError),
 }
 
 impl EventStoreBackend {
@@ -69,19 +74,42 @@ impl EventStoreBackend {
     }
 }
 
+/// The read side: the store projectors write to and the queries the API
+/// answers from, over the same files or database.
+#[derive(Debug)]
+pub struct ReadBackend {
+    pub store: Arc<dyn ReadStore>,
+    pub queries: Arc<dyn ReadModelQueries>,
+}
+
+/// Connections of the PostgreSQL query pool (its own, apart from the
+/// projector's, so queries never queue behind projection batches).
+pub const QUERY_POOL_SIZE: usize = 8;
+
 /// Opens the read store named by `read_store.url` (SQLite in the data
-/// directory when unset).
-pub async fn open_read_store(config: &Config) -> Result<Arc<dyn ReadStore>, BackendError> {
+/// directory when unset) and the queries over it. The store is opened first:
+/// it creates and migrates what the queries read.
+pub async fn open_read_backend(config: &Config) -> Result<ReadBackend, BackendError> {
     match config.read_store.url.as_ref().map(|u| u.expose()) {
-        None | Some("") => Ok(Arc::new(SqliteReadStore::open(
-            config.data_dir.join("readmodels"),
-        )?)),
+        None | Some("") => {
+            let dir = config.data_dir.join("readmodels");
+            let store = Arc::new(SqliteReadStore::open(&dir)?);
+            let queries = Arc::new(SqliteQueries::open(&dir)?);
+            Ok(ReadBackend { store, queries })
+        }
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            Ok(Arc::new(PgReadStore::connect(url).await?))
+            let store = Arc::new(PgReadStore::connect(url).await?);
+            let queries = Arc::new(PgQueries::connect(url, QUERY_POOL_SIZE).await?);
+            Ok(ReadBackend { store, queries })
         }
         Some(_) => Err(BackendError::Unsupported(
             "read_store.url: expected postgres://..., or leave it unset for SQLite in data_dir"
                 .into(),
         )),
     }
+}
+
+/// The read store alone, for commands that do not answer queries.
+pub async fn open_read_store(config: &Config) -> Result<Arc<dyn ReadStore>, BackendError> {
+    Ok(open_read_backend(config).await?.store)
 }

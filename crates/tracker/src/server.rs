@@ -12,7 +12,7 @@ use tracker_store::StoreError;
 use tracker_store::delivery_log::DeliveryLog;
 
 use crate::api::{self, ApiContext, ApiKeys};
-use crate::backend::{BackendError, EventStoreBackend, open_read_store};
+use crate::backend::{BackendError, EventStoreBackend, ReadBackend, open_read_backend};
 use crate::config::{ApiKeyConfig, Config, ConfigError, InstitutionScope, Secret, SourceConfig};
 use crate::metrics::Metrics;
 use crate::projector::Projector;
@@ -45,8 +45,6 @@ pub enum ServeError {
     },
     #[error("sources: {0}")]
     Sources(#[from] crate::signature::SignatureError),
-    #[error("read models: {0}")]
-    Queries(#[from] tracker_projections::QueryError),
 }
 
 /// How `start` behaves beyond the configuration.
@@ -182,9 +180,12 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Ser
     };
 
     let backend = EventStoreBackend::open(&config).await?;
-    let read = open_read_store(&config).await?;
+    let ReadBackend {
+        store: read,
+        queries,
+    } = open_read_backend(&config).await?;
     let api_context = web::Data::new(ApiContext::new(
-        api::backend::open_queries(&config).await?,
+        queries,
         backend.event_store(),
         ApiKeys::from_config(&key_configs),
     ));

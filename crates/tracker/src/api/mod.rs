@@ -11,7 +11,6 @@
 //! served at `/openapi.json`.
 
 pub mod auth;
-pub mod backend;
 pub mod dto;
 pub mod events;
 pub mod models;
