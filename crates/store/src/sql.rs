@@ -66,6 +66,15 @@ pub(crate) fn open_writer(
     };
     conn.pragma_update(None, "synchronous", sync)?;
     conn.set_prepared_statement_cache_capacity(32);
+    // Appends touch random pages of the id and stream indexes. A larger page
+    // cache keeps them in memory, and checkpointing every 10,000 WAL pages
+    // (~40 MiB) instead of SQLite's 1,000 lets a page rewritten by many
+    // groups reach the database file once: measured with the
+    // `append_throughput` example, 23.5k -> 33k durable appends/s. Every
+    // commit is still fsynced (synchronous=FULL); only the copy into the
+    // main file is batched.
+    conn.pragma_update(None, "cache_size", -65_536)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
     migrate(&mut conn, path, migrations)?;
     Ok(conn)
 }

@@ -1,0 +1,60 @@
+//! Durable appends per second through the embedded store alone (no HTTP):
+//! `cargo run --release -p tracker-store --example append_throughput -- 200000 256`
+//! (events, concurrent writers). Separates the store's share of the ingest
+//! cost from the HTTP layer's.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracker_store::sqlite::SqliteEventStore;
+use tracker_store::{EventMetadata, EventStore, ExpectedRevision, NewEvent};
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let events: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(200_000);
+    let writers: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(256);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteEventStore::open(dir.path().join("events.sqlite")).unwrap());
+    let payload = format!("{{\"delivery\":\"{}\"}}", "x".repeat(1300));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (store, payload) = (Arc::clone(&store), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = w;
+            while n < events {
+                let event = NewEvent {
+                    id: uuid::Uuid::new_v4(),
+                    event_type: "TrailCompleted".into(),
+                    schema_version: 1,
+                    data: payload.clone(),
+                    metadata: EventMetadata {
+                        received_at: chrono::Utc::now(),
+                        source_id: "bench".into(),
+                        request_id: n.to_string(),
+                        content_hash: "sha256:0".into(),
+                    },
+                };
+                let stream = format!("learner-{}-{}", n % 2000, n % 250_000);
+                store
+                    .append(&stream, ExpectedRevision::Any, vec![event])
+                    .await
+                    .unwrap();
+                n += writers;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let stats = store.commit_stats();
+    println!(
+        "{events} appends in {secs:.2}s: {:.0}/s, {} groups ({:.1} appends per commit)",
+        events as f64 / secs,
+        stats.groups,
+        stats.appends as f64 / stats.groups.max(1) as f64
+    );
+}
