@@ -350,6 +350,57 @@ fn lock(state: &Mutex<State>) -> Result<MutexGuard<'_, State>, ReadStoreError> {
         .map_err(|_| storage("read store connection lock poisoned"))
 }
 
+/// Drops the explicit `CREATE INDEX` indexes (not the primary keys and
+/// unique constraints the writes rely on), remembering their SQL in the file.
+fn defer_secondary_indexes(conn: &Connection) -> Result<(), ReadStoreError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS deferred_indexes (name TEXT PRIMARY KEY, sql TEXT NOT NULL);
+         INSERT OR IGNORE INTO deferred_indexes
+           SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL;",
+    )
+    .map_err(storage)?;
+    let names: Vec<String> = conn
+        .prepare("SELECT name FROM deferred_indexes")
+        .map_err(storage)?
+        .query_map([], |r| r.get(0))
+        .map_err(storage)?
+        .collect::<Result<_, _>>()
+        .map_err(storage)?;
+    for name in names {
+        conn.execute_batch(&format!("DROP INDEX IF EXISTS \"{name}\""))
+            .map_err(storage)?;
+    }
+    Ok(())
+}
+
+/// Builds the indexes `defer_secondary_indexes` dropped.
+fn restore_deferred_indexes(conn: &Connection) -> Result<(), ReadStoreError> {
+    let has_table: bool = conn
+        .query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'deferred_indexes'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(storage)?;
+    if !has_table {
+        return Ok(());
+    }
+    let ddl: Vec<String> = conn
+        .prepare("SELECT sql FROM deferred_indexes ORDER BY name")
+        .map_err(storage)?
+        .query_map([], |r| r.get(0))
+        .map_err(storage)?
+        .collect::<Result<_, _>>()
+        .map_err(storage)?;
+    let mut batch = String::from("BEGIN;");
+    for sql in ddl {
+        batch.push_str(&sql.replacen("CREATE INDEX", "CREATE INDEX IF NOT EXISTS", 1));
+        batch.push(';');
+    }
+    batch.push_str("DROP TABLE deferred_indexes; COMMIT;");
+    conn.execute_batch(&batch).map_err(storage)
+}
+
 fn generation_path(dir: &Path, generation: &str) -> PathBuf {
     dir.join(format!("{generation}.sqlite"))
 }
@@ -421,7 +472,11 @@ fn insert_new_keys(
     ) -> Result<std::collections::HashSet<(u64, u64)>, ReadStoreError> {
         let mut stmt = tx.prepare_cached(sql).map_err(storage)?;
         let mut new = std::collections::HashSet::new();
-        for &(a, b) in keys {
+        // In key order: consecutive inserts land on the same B-tree pages
+        // instead of random ones (a hash set's order).
+        let mut sorted: Vec<_> = keys.iter().copied().collect();
+        sorted.sort_unstable();
+        for (a, b) in sorted {
             if stmt
                 .execute(params![sql_id(a), sql_id(b)])
                 .map_err(storage)?
@@ -439,7 +494,9 @@ fn insert_new_keys(
     ) -> Result<std::collections::HashSet<(u64, u64, u64)>, ReadStoreError> {
         let mut stmt = tx.prepare_cached(sql).map_err(storage)?;
         let mut new = std::collections::HashSet::new();
-        for &(a, b, c) in keys {
+        let mut sorted: Vec<_> = keys.iter().copied().collect();
+        sorted.sort_unstable();
+        for (a, b, c) in sorted {
             if stmt
                 .execute(params![sql_id(a), sql_id(b), sql_id(c)])
                 .map_err(storage)?
@@ -486,7 +543,9 @@ fn insert_new_keys(
             let mut stmt = tx
                 .prepare_cached("INSERT OR IGNORE INTO inst_m_day_learners VALUES (?1, ?2, ?3)")
                 .map_err(storage)?;
-            for (i, day, u) in &keys.day_learners {
+            let mut sorted: Vec<_> = keys.day_learners.iter().collect();
+            sorted.sort_unstable();
+            for (i, day, u) in sorted {
                 if stmt
                     .execute(params![sql_id(*i), day, sql_id(*u)])
                     .map_err(storage)?
@@ -981,12 +1040,18 @@ impl ReadStore for SqliteReadStore {
                 }
                 let conn = open(&path, GENERATION_MIGRATIONS)?;
                 // Nobody reads this file until `seal` and the switch, and a
-                // crash before then only abandons it: build it without
-                // waiting for the disk, with a large page cache.
+                // crash before then only abandons it: build it without a
+                // journal or waiting for the disk, with a large page cache,
+                // and without the secondary (read-side) indexes, which are
+                // built once at `seal` from sorted data instead of updated
+                // row by row.
+                conn.pragma_update(None, "journal_mode", "OFF")
+                    .map_err(storage)?;
                 conn.pragma_update(None, "synchronous", "OFF")
                     .map_err(storage)?;
                 conn.pragma_update(None, "cache_size", -262_144)
                     .map_err(storage)?;
+                defer_secondary_indexes(&conn)?;
                 Ok::<_, ReadStoreError>(conn)
             }
         })
@@ -1002,8 +1067,11 @@ impl ReadStore for SqliteReadStore {
 
     async fn seal(&self) -> Result<(), ReadStoreError> {
         self.with_conn(|conn, _| {
-            // Back to full durability, then move the WAL into the database
-            // file, which a checkpoint under synchronous=FULL fsyncs.
+            restore_deferred_indexes(conn)?;
+            // Back to WAL and full durability; a checkpoint under
+            // synchronous=FULL fsyncs the database file.
+            conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+                .map_err(storage)?;
             conn.pragma_update(None, "synchronous", "FULL")
                 .map_err(storage)?;
             conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))

@@ -832,3 +832,33 @@ async fn partition_schemes_are_never_mixed() {
         "{result:?}"
     );
 }
+
+/// A rebuilt generation is built without its read-side indexes (faster) and
+/// must come out with exactly the indexes and journal mode of a normal one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_generation_has_every_index_back() {
+    let env = env();
+    ingest_known(&*env.events).await;
+    let dir = env.read.dir().to_path_buf();
+    let first = env.read.generation();
+    let rebuilt = tracker_projections::replay::replay(Arc::clone(&env.events), &env.read, |_| {})
+        .await
+        .unwrap();
+    let describe = |generation: &str| {
+        let conn = rusqlite::Connection::open(dir.join(format!("{generation}.sqlite"))).unwrap();
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name || ':' || COALESCE(sql, '') FROM sqlite_master WHERE type IN ('index', 'table') ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        (indexes, mode)
+    };
+    let (fresh, fresh_mode) = describe(&first);
+    let (built, built_mode) = describe(&rebuilt);
+    assert!(fresh.iter().any(|i| i.starts_with("inst_trails_by_name")), "{fresh:?}");
+    assert_eq!(built, fresh);
+    assert_eq!((built_mode.as_str(), fresh_mode.as_str()), ("wal", "wal"));
+}
