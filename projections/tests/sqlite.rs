@@ -853,12 +853,17 @@ async fn a_rebuilt_generation_has_every_index_back() {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
         (indexes, mode)
     };
     let (fresh, fresh_mode) = describe(&first);
     let (built, built_mode) = describe(&rebuilt);
-    assert!(fresh.iter().any(|i| i.starts_with("inst_trails_by_name")), "{fresh:?}");
+    assert!(
+        fresh.iter().any(|i| i.starts_with("inst_trails_by_name")),
+        "{fresh:?}"
+    );
     assert_eq!(built, fresh);
     assert_eq!((built_mode.as_str(), fresh_mode.as_str()), ("wal", "wal"));
 }
