@@ -122,9 +122,14 @@ async fn projector_killed_at_random_points_ends_equal_to_a_fresh_replay() {
     }
 
     let mut last = tracker_command(&["project"], &data)
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // Running (signal handler in place) before it may be asked to stop.
+    let mut line = String::new();
+    let stdout = last.stdout.take().unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    assert!(line.starts_with("projector running"), "{line:?}");
     let read = SqliteReadStore::open(data.join("readmodels")).unwrap();
     wait_for_checkpoints(&read, head).await;
     nix::sys::signal::kill(

@@ -128,27 +128,21 @@ fn load(
     Ok(Config::load(common.config.as_deref(), &overrides)?)
 }
 
-/// SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
+/// SIGTERM or Ctrl-C. SIGTERM is registered when this is called, not when the
+/// future is first polled, so one that arrives during start-up is not lost
+/// (it would otherwise kill the process without a graceful stop).
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
-    }
+    })
 }
 
 fn init_tracing(format: LogFormat) {
@@ -204,14 +198,16 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 config.projector.on_error = on_error;
             }
             init_tracing(config.log_format);
+            let shutdown = shutdown_signal()?;
             let backend = EventStoreBackend::open(&config).await?;
             let read = open_read_store(&config).await?;
             let mut projector =
                 Projector::start(backend.event_store(), read, &config.projector, partition);
-            tracing::info!(%partition, "projector running");
+            // On stdout, for scripts (and tests) that wait for it.
+            println!("projector running (partition {partition})");
             let outcome = tokio::select! {
                 halted = projector.halted() => halted.map_err(Into::into),
-                () = shutdown_signal() => {
+                () = shutdown => {
                     tracing::info!("stopping");
                     projector.stop().await.map_err(Into::into)
                 }
