@@ -23,6 +23,7 @@ async fn main() {
     for w in 0..writers {
         let (store, payload) = (Arc::clone(&store), payload.clone());
         tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
             let mut n = w;
             while n < events {
                 let event = NewEvent {
@@ -38,23 +39,32 @@ async fn main() {
                     },
                 };
                 let stream = format!("learner-{}-{}", n % 2000, n % 250_000);
+                let sent = Instant::now();
                 store
                     .append(&stream, ExpectedRevision::Any, vec![event])
                     .await
                     .unwrap();
+                latencies.push(sent.elapsed());
                 n += writers;
             }
+            latencies
         }));
     }
+    let mut latencies = Vec::new();
     for t in tasks {
-        t.await.unwrap();
+        latencies.extend(t.await.unwrap());
     }
     let secs = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     let stats = store.commit_stats();
     println!(
-        "{events} appends in {secs:.2}s: {:.0}/s, {} groups ({:.1} appends per commit)",
+        "{events} appends in {secs:.2}s: {:.0}/s, {} groups ({:.1} appends per commit), latency p50 {:?} p99 {:?} max {:?}",
         events as f64 / secs,
         stats.groups,
-        stats.appends as f64 / stats.groups.max(1) as f64
+        stats.appends as f64 / stats.groups.max(1) as f64,
+        at(0.5),
+        at(0.99),
+        latencies[latencies.len() - 1],
     );
 }

@@ -194,6 +194,7 @@ impl SqliteEventStore {
         let counters = Arc::new(Counters::default());
         let writer = Writer {
             conn,
+            path: path.clone(),
             head: head_tx,
             max_batch: options.max_batch.max(1),
             stopped_cleanly: Arc::clone(&stopped_cleanly),
@@ -549,6 +550,7 @@ impl Follow {
 /// The writer thread: owns the only read-write connection.
 struct Writer {
     conn: Connection,
+    path: PathBuf,
     head: watch::Sender<Position>,
     max_batch: usize,
     stopped_cleanly: Arc<AtomicBool>,
@@ -585,6 +587,22 @@ impl From<StoreError> for Refusal {
 
 impl Writer {
     fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        // WAL checkpoints run on their own thread and connection, so a
+        // commit never waits for pages to be copied into the database file.
+        // Without it (it failed to start), the writer checkpoints itself.
+        let checkpointer = match Checkpointer::start(&self.path) {
+            Ok(c) => match self.conn.pragma_update(None, "wal_autocheckpoint", 0) {
+                Ok(()) => Some(c),
+                Err(err) => {
+                    tracing::warn!(error = %err, "event store: keeping checkpoints on the writer");
+                    None
+                }
+            },
+            Err(err) => {
+                tracing::warn!(error = %err, "event store: no background checkpointer; the writer checkpoints");
+                None
+            }
+        };
         let mut appends = Vec::new();
         let mut checks = Vec::new();
         // `None` once every sender is gone: shutdown, after the queue drained.
@@ -624,6 +642,7 @@ impl Writer {
                 self.commit_group(std::mem::take(&mut appends));
             }
         }
+        drop(checkpointer);
         self.stopped_cleanly.store(true, Ordering::Release);
     }
 
@@ -701,6 +720,59 @@ impl Writer {
         }
         tx.commit()?;
         Ok((results, head))
+    }
+}
+
+/// Copies the WAL into the database file every 100 ms from a connection of
+/// its own (`PRAGMA wal_checkpoint(PASSIVE)`: it never blocks the writer or
+/// readers), fsyncing the file (`synchronous=FULL`). Stopped, and a last
+/// full checkpoint run, when dropped.
+struct Checkpointer {
+    stop: std::sync::mpsc::Sender<()>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    const EVERY: Duration = Duration::from_millis(100);
+
+    fn start(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let handle = std::thread::Builder::new()
+            .name("event-store-checkpointer".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(Self::EVERY)
+                {
+                    if let Err(err) =
+                        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(error = %err, "event store checkpoint failed");
+                    }
+                }
+                if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                {
+                    tracing::warn!(error = %err, "event store final checkpoint failed");
+                }
+            })
+            .map_err(|err| StoreError::Storage(format!("cannot start checkpointer: {err}")))?;
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(handle) = self.handle.take()
+            && handle.join().is_err()
+        {
+            tracing::error!("the event store checkpointer thread panicked");
+        }
     }
 }
 

@@ -505,3 +505,36 @@ async fn subscription_sees_appends_of_another_handle_on_the_same_file() {
     }
     assert_eq!(follower.head().await.unwrap(), 3);
 }
+
+/// With checkpoints off the writer thread, something must still move the WAL
+/// into the database file, or the WAL would grow for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_checkpointer_moves_the_wal_into_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.sqlite");
+    let store = SqliteEventStore::open(&path).unwrap();
+    let data = format!("{{\"pad\":\"{}\"}}", "x".repeat(2000));
+    for n in 1..=2000u64 {
+        store
+            .append("s", ExpectedRevision::Any, vec![event(n, &data)])
+            .await
+            .unwrap();
+    }
+    // Appends alone leave them in the WAL; the checkpointer runs every 100 ms.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let db = std::fs::metadata(&path).unwrap().len();
+        if db > 4_000_000 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "database file still {db} bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Closing runs a last full checkpoint and empties the WAL.
+    store.close().await.unwrap();
+    let wal = dir.path().join("events.sqlite-wal");
+    assert_eq!(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0), 0);
+}
