@@ -134,6 +134,11 @@ impl Span {
         self.first = self.first.min(t);
         self.last = self.last.max(t);
     }
+
+    fn merge(&mut self, other: Span) {
+        self.first = self.first.min(other.first);
+        self.last = self.last.max(other.last);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,6 +201,66 @@ pub struct Plan {
     pub learner_trails: BTreeMap<(u64, u64, u64), LearnerTrailDelta>,
     /// Learners projection: one row per completion.
     pub completions: Vec<Completion>,
+}
+
+impl Plan {
+    /// Adds `later` (the plan of the batch after this plan's events) to this
+    /// plan, so that one plan covers both batches: counters add, spans
+    /// widen, the latest name wins by position, new links and completion
+    /// rows are appended. The result is what [`plan`] gives for the two
+    /// batches as one, provided `later`'s new keys were new after this plan's.
+    pub fn merge(&mut self, later: Plan) {
+        use std::collections::btree_map::Entry;
+        fn each<K: Ord, V>(
+            into: &mut BTreeMap<K, V>,
+            from: BTreeMap<K, V>,
+            add: impl Fn(&mut V, V),
+        ) {
+            for (k, v) in from {
+                match into.entry(k) {
+                    Entry::Vacant(e) => {
+                        e.insert(v);
+                    }
+                    Entry::Occupied(mut e) => add(e.get_mut(), v),
+                }
+            }
+        }
+        each(&mut self.summaries, later.summaries, |s, d| {
+            s.completions += d.completions;
+            s.new_learners += d.new_learners;
+            s.new_trails += d.new_trails;
+            s.new_courses += d.new_courses;
+            s.span.merge(d.span);
+            s.last_position = s.last_position.max(d.last_position);
+        });
+        each(&mut self.trails, later.trails, |t, d| {
+            t.name.offer(d.name.value, d.name.position);
+            t.completions += d.completions;
+            t.new_learners += d.new_learners;
+            t.span.merge(d.span);
+        });
+        each(&mut self.courses, later.courses, |c, d| {
+            c.title.offer(d.title.value, d.title.position);
+            c.completions += d.completions;
+            c.new_learners += d.new_learners;
+        });
+        each(&mut self.days, later.days, |day, d| {
+            day.completions += d.completions;
+            day.new_learners += d.new_learners;
+        });
+        each(&mut self.learners, later.learners, |l, d| {
+            l.profile.offer(d.profile.value, d.profile.position);
+            l.completions += d.completions;
+            l.new_trails += d.new_trails;
+            l.span.merge(d.span);
+        });
+        each(&mut self.learner_trails, later.learner_trails, |lt, d| {
+            lt.completions += d.completions;
+            lt.span.merge(d.span);
+        });
+        self.trail_courses.extend(later.trail_courses);
+        self.completions.extend(later.completions);
+    }
 }
 
 /// What `batch` changes for `kind`, given which membership keys are new.

@@ -1,0 +1,280 @@
+//! A rebuild's read models, folded in memory.
+//!
+//! A rebuild starts from an empty generation, so which membership keys are
+//! new needs no database: the fold keeps every key seen so far in memory and
+//! asks [`plan`] with exactly the keys the read store would have reported
+//! as new. The plans of all batches are merged into one ([`Plan::merge`]),
+//! so each read-model row is written once, at the end, in key order, instead
+//! of being upserted by every batch that touches it.
+//!
+//! Completion rows (one per event, most of the volume) are not kept: `add`
+//! hands them back for the caller to write as it goes.
+
+use std::collections::HashSet;
+
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::model::Completion;
+use crate::plan::{MembershipKeys, Plan, ProjectionKind, membership_keys, plan};
+
+/// Every membership key of a fold, sorted in the tables' primary-key order
+/// (text in byte order, as SQLite's `BINARY` and PostgreSQL's `"C"`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// (institution, user)
+    pub institution_learners: Vec<(u64, u64)>,
+    /// (institution, trail)
+    pub institution_trails: Vec<(u64, u64)>,
+    /// (institution, course)
+    pub institution_courses: Vec<(u64, u64)>,
+    /// (institution, trail, user)
+    pub trail_learners: Vec<(u64, u64, u64)>,
+    /// (institution, course, user)
+    pub course_learners: Vec<(u64, u64, u64)>,
+    /// (institution, trail, course): also the `inst_trail_courses` rows,
+    /// which are [`Plan::trail_courses`] too.
+    pub trail_courses: Vec<(u64, u64, u64)>,
+    /// (institution, index into `days`, user); `days` is sorted, so the
+    /// order of the indexes is the order of the days.
+    pub day_learners: Vec<(u64, u32, u64)>,
+    pub days: Vec<String>,
+}
+
+impl Membership {
+    /// The same keys as [`MembershipKeys`] (for tests and comparisons).
+    pub fn to_keys(&self) -> MembershipKeys {
+        MembershipKeys {
+            institution_learners: self.institution_learners.iter().copied().collect(),
+            institution_trails: self.institution_trails.iter().copied().collect(),
+            institution_courses: self.institution_courses.iter().copied().collect(),
+            trail_learners: self.trail_learners.iter().copied().collect(),
+            course_learners: self.course_learners.iter().copied().collect(),
+            trail_courses: self.trail_courses.iter().copied().collect(),
+            day_learners: self
+                .day_learners
+                .iter()
+                .map(|&(i, d, u)| (i, self.days[d as usize].clone(), u))
+                .collect(),
+        }
+    }
+}
+
+/// The keys seen so far. Days are interned (a few thousand distinct days
+/// against millions of (institution, day, learner) keys).
+#[derive(Debug, Default)]
+struct Seen {
+    institution_learners: FxHashSet<(u64, u64)>,
+    institution_trails: FxHashSet<(u64, u64)>,
+    institution_courses: FxHashSet<(u64, u64)>,
+    trail_learners: FxHashSet<(u64, u64, u64)>,
+    course_learners: FxHashSet<(u64, u64, u64)>,
+    trail_courses: FxHashSet<(u64, u64, u64)>,
+    day_learners: FxHashSet<(u64, u32, u64)>,
+    day_index: FxHashMap<String, u32>,
+}
+
+/// Keeps the keys of `batch` that `seen` did not have, recording them.
+fn record<K: Copy + Eq + std::hash::Hash>(
+    seen: &mut FxHashSet<K>,
+    batch: HashSet<K>,
+) -> HashSet<K> {
+    batch.into_iter().filter(|k| seen.insert(*k)).collect()
+}
+
+impl Seen {
+    fn record(&mut self, keys: MembershipKeys) -> MembershipKeys {
+        let mut day_learners = HashSet::new();
+        for (i, day, u) in keys.day_learners {
+            let next = u32::try_from(self.day_index.len()).unwrap_or(u32::MAX);
+            let d = match self.day_index.get(&day) {
+                Some(d) => *d,
+                None => {
+                    self.day_index.insert(day.clone(), next);
+                    next
+                }
+            };
+            if self.day_learners.insert((i, d, u)) {
+                day_learners.insert((i, day, u));
+            }
+        }
+        MembershipKeys {
+            institution_learners: record(&mut self.institution_learners, keys.institution_learners),
+            institution_trails: record(&mut self.institution_trails, keys.institution_trails),
+            institution_courses: record(&mut self.institution_courses, keys.institution_courses),
+            trail_learners: record(&mut self.trail_learners, keys.trail_learners),
+            course_learners: record(&mut self.course_learners, keys.course_learners),
+            trail_courses: record(&mut self.trail_courses, keys.trail_courses),
+            day_learners,
+        }
+    }
+
+    fn into_sorted(self) -> Membership {
+        fn sorted<K: Ord>(set: FxHashSet<K>) -> Vec<K> {
+            let mut v: Vec<K> = set.into_iter().collect();
+            v.sort_unstable();
+            v
+        }
+        // Renumber days in sorted order, so that index order is day order.
+        let mut days: Vec<(String, u32)> = self.day_index.into_iter().collect();
+        days.sort_unstable();
+        let mut renumber = vec![0u32; days.len()];
+        for (new, (_, old)) in days.iter().enumerate() {
+            if let Some(slot) = renumber.get_mut(*old as usize) {
+                *slot = u32::try_from(new).unwrap_or(u32::MAX);
+            }
+        }
+        let mut day_learners: Vec<(u64, u32, u64)> = self
+            .day_learners
+            .into_iter()
+            .map(|(i, d, u)| (i, renumber.get(d as usize).copied().unwrap_or(d), u))
+            .collect();
+        day_learners.sort_unstable();
+        Membership {
+            institution_learners: sorted(self.institution_learners),
+            institution_trails: sorted(self.institution_trails),
+            institution_courses: sorted(self.institution_courses),
+            trail_learners: sorted(self.trail_learners),
+            course_learners: sorted(self.course_learners),
+            trail_courses: sorted(self.trail_courses),
+            day_learners,
+            days: days.into_iter().map(|(d, _)| d).collect(),
+        }
+    }
+}
+
+/// One projection's rebuild, batch by batch.
+#[derive(Debug)]
+pub struct Fold {
+    kind: ProjectionKind,
+    seen: Seen,
+    plan: Plan,
+}
+
+impl Fold {
+    pub fn new(kind: ProjectionKind) -> Self {
+        Self {
+            kind,
+            seen: Seen::default(),
+            plan: Plan::default(),
+        }
+    }
+
+    pub fn kind(&self) -> ProjectionKind {
+        self.kind
+    }
+
+    /// Folds the next batch (every position above the previous batch's) and
+    /// returns its completion rows (learners projection; none for the
+    /// institutions projection), to be written now rather than kept.
+    pub fn add(&mut self, batch: &[Completion]) -> Vec<Completion> {
+        let new = self.seen.record(membership_keys(self.kind, batch));
+        let mut p = plan(self.kind, batch, &new);
+        let completions = std::mem::take(&mut p.completions);
+        self.plan.merge(p);
+        completions
+    }
+
+    /// The merged plan (without completion rows, which `add` handed out)
+    /// and every membership key, both in key order.
+    pub fn finish(self) -> (Plan, Membership) {
+        let mut plan = self.plan;
+        plan.trail_courses.sort_unstable();
+        (plan, self.seen.into_sorted())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::model::tests::completion;
+
+    fn batch_strategy() -> impl Strategy<Value = Vec<Completion>> {
+        proptest::collection::vec(
+            (
+                1u64..4,
+                1u64..6,
+                1u64..5,
+                0u32..40,
+                proptest::collection::vec(1u64..8, 0..4),
+                0u8..3,
+            ),
+            0..60,
+        )
+        .prop_map(|rows| {
+            rows.into_iter()
+                .enumerate()
+                .map(|(k, (inst, user, trail, minute, courses, name))| {
+                    let raw = format!("2024-05-{:02} 10:{:02}:00", 1 + minute % 12, minute);
+                    let mut c = completion(k as u64 + 1, inst, user, trail, &raw, &courses);
+                    c.trail_name = format!("trail {trail} v{name}");
+                    c.user_name = format!("user {user} v{name}");
+                    for course in &mut c.courses {
+                        course.title = format!("c{} v{name}", course.id);
+                    }
+                    c
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        /// Folding the batches one by one gives the plan of all of them as
+        /// one batch into an empty store (every key new), and exactly its
+        /// keys; the completion rows come out in order.
+        #[test]
+        fn folding_any_split_equals_one_plan(events in batch_strategy(), cuts in proptest::collection::vec(0usize..60, 0..6)) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(events.len())).collect();
+            cuts.push(0);
+            cuts.push(events.len());
+            cuts.sort_unstable();
+            for kind in ProjectionKind::ALL {
+                let mut fold = Fold::new(kind);
+                let mut rows = Vec::new();
+                for w in cuts.windows(2) {
+                    rows.extend(fold.add(&events[w[0]..w[1]]));
+                }
+                let (folded, members) = fold.finish();
+                let all = membership_keys(kind, &events);
+                let mut whole = plan(kind, &events, &all);
+                prop_assert_eq!(&rows, &whole.completions);
+                whole.completions.clear();
+                prop_assert_eq!(&folded, &whole);
+                prop_assert_eq!(members.to_keys(), all);
+            }
+        }
+    }
+
+    #[test]
+    fn membership_comes_out_in_key_order() {
+        let events = vec![
+            completion(1, 2, 9, 1, "2024-05-03 10:00:00", &[4, 1]),
+            completion(2, 1, 7, 3, "2024-05-01 10:00:00", &[2]),
+            completion(3, 1, 5, 3, "2024-05-02 10:00:00", &[2]),
+            completion(4, 1, 5, 3, "2024-04-30 10:00:00", &[2]),
+        ];
+        let mut fold = Fold::new(ProjectionKind::Institutions);
+        fold.add(&events[..2]);
+        fold.add(&events[2..]);
+        let (p, m) = fold.finish();
+        assert_eq!(m.institution_learners, vec![(1, 5), (1, 7), (2, 9)]);
+        assert_eq!(
+            m.course_learners,
+            vec![(1, 2, 5), (1, 2, 7), (2, 1, 9), (2, 4, 9)]
+        );
+        assert_eq!(
+            m.days,
+            vec!["2024-04-30", "2024-05-01", "2024-05-02", "2024-05-03"]
+        );
+        // (institution, day, user) in day order, whatever order days came in.
+        assert_eq!(
+            m.day_learners,
+            vec![(1, 0, 5), (1, 1, 7), (1, 2, 5), (2, 3, 9)]
+        );
+        assert_eq!(p.trail_courses, vec![(1, 3, 2), (2, 1, 1), (2, 1, 4)]);
+        assert_eq!(p.summaries[&1].new_learners, 2);
+        assert_eq!(p.summaries[&1].completions, 3);
+    }
+}
