@@ -249,7 +249,7 @@ mod tests {
 
     #[test]
     fn membership_comes_out_in_key_order() {
-        let events = vec![
+        let events = [
             completion(1, 2, 9, 1, "2024-05-03 10:00:00", &[4, 1]),
             completion(2, 1, 7, 3, "2024-05-01 10:00:00", &[2]),
             completion(3, 1, 5, 3, "2024-05-02 10:00:00", &[2]),

@@ -24,18 +24,21 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 use tracker_store::Position;
 use uuid::Uuid;
 
+use crate::fold::Membership;
 use crate::model::Completion;
 use crate::plan::{
     CourseDelta, DayDelta, LearnerDelta, LearnerTrailDelta, MembershipKeys, Plan, ProjectionKind,
     SummaryDelta, TrailDelta, membership_keys, plan,
 };
 use crate::readstore::{
-    ApplyBatch, CheckpointKey, DeadLetter, LeaseHolder, ReadStore, ReadStoreError, Snapshot,
+    ApplyBatch, CheckpointKey, DeadLetter, FinalLoad, LeaseHolder, ReadStore, ReadStoreError,
+    Snapshot,
 };
 use crate::sqlite::{SNAPSHOT_TABLES, courses_json, from_sql_id, sql_id, sql_position, sql_time};
 
@@ -278,6 +281,10 @@ pub struct PgReadStore {
     /// A handle that follows the current pointer (live projector, queries);
     /// a rebuild's handle stays on its own generation.
     follows_current: bool,
+    /// A generation being built: the read-side indexes dropped at its
+    /// creation (their `CREATE INDEX` statements), built at `seal` from the
+    /// loaded rows instead of maintained row by row.
+    deferred_indexes: Arc<Mutex<Vec<String>>>,
 }
 
 impl std::fmt::Debug for PgReadStore {
@@ -355,6 +362,7 @@ impl PgReadStore {
             pool,
             generation: Arc::new(Mutex::new(generation)),
             follows_current: true,
+            deferred_indexes: Arc::default(),
         };
         // Leftovers of a switch that could not drop them.
         store.drop_obsolete_schemas().await;
@@ -370,6 +378,17 @@ impl PgReadStore {
     /// splice into SQL.
     pub fn schema(&self) -> String {
         format!("{SCHEMA_PREFIX}{}", self.generation())
+    }
+
+    /// Bulk loads bypass the checkpoint: only into a generation being
+    /// built. Returns its schema.
+    fn building(&self) -> Result<String, ReadStoreError> {
+        if self.follows_current {
+            return Err(storage(
+                "bulk loads go only into a generation being built (create_generation)",
+            ));
+        }
+        schema_name(&self.generation())
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, ReadStoreError> {
@@ -443,6 +462,43 @@ async fn get(pool: &Pool) -> Result<deadpool_postgres::Object, ReadStoreError> {
     pool.get()
         .await
         .map_err(|e| storage(format!("PostgreSQL connection: {e}")))
+}
+
+/// Drops the explicit indexes of schema `s` (not those behind primary keys
+/// and unique constraints, which the writes rely on) and returns their DDL.
+async fn defer_secondary_indexes(
+    tx: &Transaction<'_>,
+    s: &str,
+) -> Result<Vec<String>, ReadStoreError> {
+    let rows = tx
+        .query(
+            "SELECT i.indexname::text, i.indexdef FROM pg_indexes i
+             WHERE i.schemaname = $1
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint c
+                               WHERE c.conindid = format('%I.%I', i.schemaname, i.indexname)::regclass)
+             ORDER BY i.indexname",
+            &[&s],
+        )
+        .await
+        .map_err(pg("listing the read indexes"))?;
+    let mut ddl = Vec::with_capacity(rows.len());
+    for row in rows {
+        let name: String = row.try_get(0).map_err(pg("listing the read indexes"))?;
+        ddl.push(row.try_get(1).map_err(pg("listing the read indexes"))?);
+        tx.batch_execute(&format!("DROP INDEX {s}.{}", quote_ident(&name)))
+            .await
+            .map_err(pg("deferring the read indexes"))?;
+    }
+    Ok(ddl)
+}
+
+/// A generation being built is abandoned after a crash, so its commits need
+/// not wait for the disk; `seal` commits synchronously, which flushes the
+/// WAL up to and including all of them.
+async fn relax_durability(tx: &Transaction<'_>) -> Result<(), ReadStoreError> {
+    tx.batch_execute("SET LOCAL synchronous_commit = off")
+        .await
+        .map_err(pg("relaxing durability of a build"))
 }
 
 async fn lock_migrations(tx: &Transaction<'_>) -> Result<(), ReadStoreError> {
@@ -1155,6 +1211,379 @@ async fn write_plan(tx: &Transaction<'_>, s: &str, p: &Plan) -> Result<(), ReadS
     Ok(())
 }
 
+// ---------------------------------------------------------------------------
+// Bulk loads of a rebuild: `COPY ... FROM STDIN (FORMAT binary)`.
+
+/// A binary COPY into `{s}.{table}` with these columns.
+struct Copy {
+    writer: std::pin::Pin<Box<BinaryCopyInWriter>>,
+    context: &'static str,
+}
+
+impl Copy {
+    async fn start(
+        tx: &Transaction<'_>,
+        s: &str,
+        table: &str,
+        columns: &[(&str, Type)],
+        context: &'static str,
+    ) -> Result<Self, ReadStoreError> {
+        let names: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();
+        let types: Vec<Type> = columns.iter().map(|(_, t)| t.clone()).collect();
+        let sink = tx
+            .copy_in(&format!(
+                "COPY {s}.{table} ({}) FROM STDIN (FORMAT binary)",
+                names.join(", ")
+            ))
+            .await
+            .map_err(pg(context))?;
+        Ok(Self {
+            writer: Box::pin(BinaryCopyInWriter::new(sink, &types)),
+            context,
+        })
+    }
+
+    async fn row(&mut self, values: &[&(dyn ToSql + Sync)]) -> Result<(), ReadStoreError> {
+        self.writer
+            .as_mut()
+            .write(values)
+            .await
+            .map_err(pg(self.context))
+    }
+
+    async fn finish(mut self) -> Result<(), ReadStoreError> {
+        self.writer
+            .as_mut()
+            .finish()
+            .await
+            .map_err(pg(self.context))?;
+        Ok(())
+    }
+}
+
+const COMPLETION_COLUMNS: [(&str, Type); 10] = [
+    ("position", Type::INT8),
+    ("event_id", Type::UUID),
+    ("institution_id", Type::INT8),
+    ("user_id", Type::INT8),
+    ("trail_id", Type::INT8),
+    ("trail_name", Type::TEXT),
+    ("finished_at_raw", Type::TEXT),
+    ("finished_at", Type::TIMESTAMPTZ),
+    ("day", Type::TEXT),
+    ("courses", Type::TEXT),
+];
+
+async fn copy_completions(
+    tx: &Transaction<'_>,
+    s: &str,
+    rows: &[Completion],
+) -> Result<(), ReadStoreError> {
+    let mut copy = Copy::start(
+        tx,
+        s,
+        "lrn_completions",
+        &COMPLETION_COLUMNS,
+        "loading lrn_completions",
+    )
+    .await?;
+    for c in rows {
+        copy.row(&[
+            &sql_position(c.position)?,
+            &c.event_id,
+            &sql_id(c.institution_id),
+            &sql_id(c.user_id),
+            &sql_id(c.trail_id),
+            &c.trail_name,
+            &c.finished_at_raw,
+            &pg_time(c.finished_at),
+            &c.day,
+            &courses_json(c),
+        ])
+        .await?;
+    }
+    copy.finish().await
+}
+
+const I8: Type = Type::INT8;
+
+async fn copy_pairs(
+    tx: &Transaction<'_>,
+    s: &str,
+    table: &str,
+    columns: [&str; 2],
+    keys: &[(u64, u64)],
+) -> Result<(), ReadStoreError> {
+    let [a, b] = columns;
+    let mut copy =
+        Copy::start(tx, s, table, &[(a, I8), (b, I8)], "loading membership keys").await?;
+    for (x, y) in keys {
+        copy.row(&[&sql_id(*x), &sql_id(*y)]).await?;
+    }
+    copy.finish().await
+}
+
+async fn copy_triples(
+    tx: &Transaction<'_>,
+    s: &str,
+    table: &str,
+    columns: [&str; 3],
+    keys: &[(u64, u64, u64)],
+) -> Result<(), ReadStoreError> {
+    let [a, b, c] = columns;
+    let mut copy = Copy::start(
+        tx,
+        s,
+        table,
+        &[(a, I8), (b, I8), (c, I8)],
+        "loading membership keys",
+    )
+    .await?;
+    for (x, y, z) in keys {
+        copy.row(&[&sql_id(*x), &sql_id(*y), &sql_id(*z)]).await?;
+    }
+    copy.finish().await
+}
+
+async fn copy_membership(
+    tx: &Transaction<'_>,
+    s: &str,
+    kind: ProjectionKind,
+    m: &Membership,
+) -> Result<(), ReadStoreError> {
+    const I: &str = "institution_id";
+    const U: &str = "user_id";
+    const T: &str = "trail_id";
+    const C: &str = "course_id";
+    match kind {
+        ProjectionKind::Institutions => {
+            copy_pairs(tx, s, "inst_m_learners", [I, U], &m.institution_learners).await?;
+            copy_pairs(tx, s, "inst_m_trails", [I, T], &m.institution_trails).await?;
+            copy_pairs(tx, s, "inst_m_courses", [I, C], &m.institution_courses).await?;
+            copy_triples(tx, s, "inst_m_trail_learners", [I, T, U], &m.trail_learners).await?;
+            copy_triples(
+                tx,
+                s,
+                "inst_m_course_learners",
+                [I, C, U],
+                &m.course_learners,
+            )
+            .await?;
+            copy_triples(tx, s, "inst_trail_courses", [I, T, C], &m.trail_courses).await?;
+            let mut copy = Copy::start(
+                tx,
+                s,
+                "inst_m_day_learners",
+                &[(I, I8), ("day", Type::TEXT), (U, I8)],
+                "loading membership keys",
+            )
+            .await?;
+            for (i, d, u) in &m.day_learners {
+                let day = m
+                    .days
+                    .get(*d as usize)
+                    .ok_or_else(|| storage(format!("day index {d} out of range")))?;
+                copy.row(&[&sql_id(*i), day, &sql_id(*u)]).await?;
+            }
+            copy.finish().await?;
+        }
+        ProjectionKind::Learners => {
+            copy_triples(tx, s, "lrn_m_trail_learners", [I, T, U], &m.trail_learners).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn copy_plan(tx: &Transaction<'_>, s: &str, p: &Plan) -> Result<(), ReadStoreError> {
+    const TS: Type = Type::TIMESTAMPTZ;
+    const TEXT: Type = Type::TEXT;
+    if !p.summaries.is_empty() {
+        let mut copy = Copy::start(
+            tx,
+            s,
+            "inst_summary",
+            &[
+                ("institution_id", I8),
+                ("completions", I8),
+                ("learners", I8),
+                ("trails", I8),
+                ("courses", I8),
+                ("first_completed_at", TS),
+                ("last_completed_at", TS),
+                ("last_position", I8),
+            ],
+            "loading inst_summary",
+        )
+        .await?;
+        for (i, d) in &p.summaries {
+            copy.row(&[
+                &sql_id(*i),
+                &(d.completions as i64),
+                &(d.new_learners as i64),
+                &(d.new_trails as i64),
+                &(d.new_courses as i64),
+                &pg_time(d.span.first),
+                &pg_time(d.span.last),
+                &sql_position(d.last_position)?,
+            ])
+            .await?;
+        }
+        copy.finish().await?;
+    }
+    if !p.trails.is_empty() {
+        let mut copy = Copy::start(
+            tx,
+            s,
+            "inst_trails",
+            &[
+                ("institution_id", I8),
+                ("trail_id", I8),
+                ("name", TEXT),
+                ("name_position", I8),
+                ("completions", I8),
+                ("learners", I8),
+                ("first_completed_at", TS),
+                ("last_completed_at", TS),
+            ],
+            "loading inst_trails",
+        )
+        .await?;
+        for ((i, t), d) in &p.trails {
+            copy.row(&[
+                &sql_id(*i),
+                &sql_id(*t),
+                &d.name.value,
+                &sql_position(d.name.position)?,
+                &(d.completions as i64),
+                &(d.new_learners as i64),
+                &pg_time(d.span.first),
+                &pg_time(d.span.last),
+            ])
+            .await?;
+        }
+        copy.finish().await?;
+    }
+    if !p.courses.is_empty() {
+        let mut copy = Copy::start(
+            tx,
+            s,
+            "inst_courses",
+            &[
+                ("institution_id", I8),
+                ("course_id", I8),
+                ("title", TEXT),
+                ("title_position", I8),
+                ("completions", I8),
+                ("learners", I8),
+            ],
+            "loading inst_courses",
+        )
+        .await?;
+        for ((i, c), d) in &p.courses {
+            copy.row(&[
+                &sql_id(*i),
+                &sql_id(*c),
+                &d.title.value,
+                &sql_position(d.title.position)?,
+                &(d.completions as i64),
+                &(d.new_learners as i64),
+            ])
+            .await?;
+        }
+        copy.finish().await?;
+    }
+    if !p.days.is_empty() {
+        let mut copy = Copy::start(
+            tx,
+            s,
+            "inst_daily",
+            &[
+                ("institution_id", I8),
+                ("day", TEXT),
+                ("completions", I8),
+                ("learners", I8),
+            ],
+            "loading inst_daily",
+        )
+        .await?;
+        for ((i, day), d) in &p.days {
+            copy.row(&[
+                &sql_id(*i),
+                day,
+                &(d.completions as i64),
+                &(d.new_learners as i64),
+            ])
+            .await?;
+        }
+        copy.finish().await?;
+    }
+    if !p.learners.is_empty() {
+        let mut copy = Copy::start(
+            tx,
+            s,
+            "lrn_learners",
+            &[
+                ("institution_id", I8),
+                ("user_id", I8),
+                ("name", TEXT),
+                ("email", TEXT),
+                ("profile_position", I8),
+                ("trails", I8),
+                ("completions", I8),
+                ("first_completed_at", TS),
+                ("last_completed_at", TS),
+            ],
+            "loading lrn_learners",
+        )
+        .await?;
+        for ((i, u), d) in &p.learners {
+            copy.row(&[
+                &sql_id(*i),
+                &sql_id(*u),
+                &d.profile.value.0,
+                &d.profile.value.1,
+                &sql_position(d.profile.position)?,
+                &(d.new_trails as i64),
+                &(d.completions as i64),
+                &pg_time(d.span.first),
+                &pg_time(d.span.last),
+            ])
+            .await?;
+        }
+        copy.finish().await?;
+    }
+    if !p.learner_trails.is_empty() {
+        let mut copy = Copy::start(
+            tx,
+            s,
+            "lrn_learner_trails",
+            &[
+                ("institution_id", I8),
+                ("user_id", I8),
+                ("trail_id", I8),
+                ("completions", I8),
+                ("first_completed_at", TS),
+                ("last_completed_at", TS),
+            ],
+            "loading lrn_learner_trails",
+        )
+        .await?;
+        for ((i, u, t), d) in &p.learner_trails {
+            copy.row(&[
+                &sql_id(*i),
+                &sql_id(*u),
+                &sql_id(*t),
+                &(d.completions as i64),
+                &pg_time(d.span.first),
+                &pg_time(d.span.last),
+            ])
+            .await?;
+        }
+        copy.finish().await?;
+    }
+    Ok(())
+}
+
 fn render(row: &Row, i: usize) -> Result<String, tokio_postgres::Error> {
     let ty = row.columns()[i].type_();
     let text = if *ty == Type::INT8 {
@@ -1306,6 +1735,44 @@ impl ReadStore for PgReadStore {
             },
         )?;
         tx.commit().await.map_err(pg("committing a batch"))
+    }
+
+    async fn load_completions(&self, rows: Vec<Completion>) -> Result<(), ReadStoreError> {
+        let s = self.building()?;
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(pg("loading completions"))?;
+        relax_durability(&tx).await?;
+        copy_completions(&tx, &s, &rows).await?;
+        tx.commit().await.map_err(pg("loading completions"))
+    }
+
+    async fn load_final(&self, load: FinalLoad) -> Result<(), ReadStoreError> {
+        let s = self.building()?;
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(pg("loading a rebuilt projection"))?;
+        relax_durability(&tx).await?;
+        copy_plan(&tx, &s, &load.plan).await?;
+        copy_membership(&tx, &s, load.projection, &load.membership).await?;
+        let dead_letters: Vec<&DeadLetter> = load.dead_letters.iter().collect();
+        write_dead_letters(&tx, &s, &dead_letters).await?;
+        tx.execute(
+            &format!("INSERT INTO {s}.checkpoints (key, position) VALUES ($1, $2)"),
+            &[
+                &CheckpointKey::whole(load.projection).to_string(),
+                &sql_position(load.through)?,
+            ],
+        )
+        .await
+        .map_err(pg("writing the checkpoint"))?;
+        tx.commit()
+            .await
+            .map_err(pg("loading a rebuilt projection"))
     }
 
     async fn acquire_lease(
@@ -1495,12 +1962,69 @@ impl ReadStore for PgReadStore {
             .map_err(pg("creating a generation"))?;
         lock_migrations(&tx).await?;
         let generation = register_generation(&tx).await?;
+        let deferred = defer_secondary_indexes(&tx, &schema_name(&generation)?).await?;
         tx.commit().await.map_err(pg("creating a generation"))?;
         Ok(Box::new(PgReadStore {
             pool: self.pool.clone(),
             generation: Arc::new(Mutex::new(generation)),
             follows_current: false,
+            deferred_indexes: Arc::new(Mutex::new(deferred)),
         }))
+    }
+
+    async fn seal(&self) -> Result<(), ReadStoreError> {
+        let s = schema_name(&self.generation())?;
+        let deferred = std::mem::take(
+            &mut *self
+                .deferred_indexes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        // Two connections, so that two backends (two cores) sort at once.
+        let mut halves = [Vec::new(), Vec::new()];
+        for (i, sql) in deferred.into_iter().enumerate() {
+            halves[i % 2].push(sql);
+        }
+        let build = |ddl: Vec<String>| async move {
+            if ddl.is_empty() {
+                return Ok(());
+            }
+            let mut client = self.client().await?;
+            let tx = client
+                .transaction()
+                .await
+                .map_err(pg("building the read indexes"))?;
+            tx.batch_execute("SET LOCAL maintenance_work_mem = '256MB'")
+                .await
+                .map_err(pg("building the read indexes"))?;
+            for sql in ddl {
+                tx.batch_execute(&sql)
+                    .await
+                    .map_err(pg("building the read indexes"))?;
+            }
+            tx.commit().await.map_err(pg("building the read indexes"))
+        };
+        let [a, b] = halves;
+        futures::try_join!(build(a), build(b))?;
+        // Statistics for the planner (autovacuum would get there later), and
+        // a synchronous commit: it flushes the WAL of every relaxed commit
+        // of the build before it.
+        let tables: Vec<String> = SNAPSHOT_TABLES
+            .iter()
+            .map(|(t, _)| format!("{s}.{t}"))
+            .collect();
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(pg("sealing a generation"))?;
+        tx.batch_execute(&format!(
+            "SET LOCAL synchronous_commit = on; ANALYZE {}",
+            tables.join(", ")
+        ))
+        .await
+        .map_err(pg("sealing a generation"))?;
+        tx.commit().await.map_err(pg("sealing a generation"))
     }
 
     async fn switch_to(&self, generation: &str) -> Result<(), ReadStoreError> {

@@ -22,8 +22,9 @@ use serde::Serialize;
 use tracker_store::Position;
 use uuid::Uuid;
 
+use crate::fold::Membership;
 use crate::model::Completion;
-use crate::plan::ProjectionKind;
+use crate::plan::{Plan, ProjectionKind};
 
 /// Which share of the institutions a worker projects: those with
 /// `institution_id % count == index`.
@@ -158,6 +159,21 @@ pub struct ApplyBatch {
     pub lease: Option<(LeaseHolder, Duration)>,
 }
 
+/// The end of a rebuild of one projection, for [`ReadStore::load_final`]:
+/// every row it has besides the completion rows, already coalesced.
+#[derive(Debug, Clone)]
+pub struct FinalLoad {
+    pub projection: ProjectionKind,
+    /// The merged plan of the whole log; its `completions` are ignored (they
+    /// went through [`ReadStore::load_completions`]).
+    pub plan: Plan,
+    /// Every membership key, sorted.
+    pub membership: Membership,
+    pub dead_letters: Vec<DeadLetter>,
+    /// The whole projection's checkpoint: the last position read.
+    pub through: Position,
+}
+
 #[async_trait]
 pub trait ReadStore: Send + Sync + fmt::Debug {
     /// The generation this handle reads and writes.
@@ -205,6 +221,20 @@ pub trait ReadStore: Send + Sync + fmt::Debug {
     /// Creates a new, empty generation and returns a handle that writes to
     /// it whatever the current pointer says.
     async fn create_generation(&self) -> Result<Box<dyn ReadStore>, ReadStoreError>;
+
+    /// Bulk load of a rebuild, on a handle from [`Self::create_generation`]
+    /// only: appends completion rows (learners projection), in position
+    /// order, to a generation nothing was applied to. Not a checkpointed
+    /// write: the generation is only usable after [`Self::load_final`].
+    async fn load_completions(&self, rows: Vec<Completion>) -> Result<(), ReadStoreError>;
+
+    /// Bulk load of a rebuild, on a handle from [`Self::create_generation`]
+    /// only: writes one projection's rows, membership keys, dead letters
+    /// and checkpoint into a generation nothing was applied to (rows that
+    /// exist already make it fail rather than count twice). Afterwards the
+    /// projection continues with [`Self::apply`] as if it had applied the
+    /// log up to `through`.
+    async fn load_final(&self, load: FinalLoad) -> Result<(), ReadStoreError>;
 
     /// Makes everything this handle wrote durable. A generation being built
     /// may be written with relaxed durability (nobody reads it, and a crash

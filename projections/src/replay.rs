@@ -4,25 +4,30 @@
 //! has caught up with the log.
 //!
 //! The rebuild is a pipeline: one task reads the log in large slices and
-//! decodes each event once, while the other applies the previous slice to
-//! every projection; reading and writing overlap, on separate cores.
+//! decodes each event once; each projection folds the slices in memory
+//! ([`crate::fold`]) on a task of its own, on another core. Only completion
+//! rows are written as they come; every other row is written once, at the
+//! end, in key order ([`ReadStore::load_final`]), both projections at once.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::mpsc;
 use tracker_store::{EventStore, Position, ReadAll};
 
+use crate::fold::Fold;
 use crate::model::Completion;
 use crate::plan::ProjectionKind;
-use crate::readstore::{ApplyBatch, CheckpointKey, DeadLetter, ReadStore, ReadStoreError};
+use crate::readstore::{DeadLetter, FinalLoad, ReadStore, ReadStoreError};
 
-/// Events per transaction while rebuilding.
+/// Events per slice read while rebuilding.
 pub const REPLAY_BATCH: usize = 10_000;
 
 /// Where a rebuild stands, for a progress bar or log lines.
 #[derive(Debug, Clone, Copy)]
 pub struct ReplayProgress {
-    /// Every projection has applied the log up to here.
+    /// Every projection has folded the log up to here (and, at the end,
+    /// written it).
     pub done: Position,
     /// The log head when last looked at.
     pub head: Position,
@@ -46,6 +51,14 @@ struct Slice {
     through: Position,
 }
 
+/// What a projection's fold task receives: the slices, then `End` once the
+/// whole log was read. A channel closed without `End` means the rebuild
+/// failed elsewhere: nothing is finalised.
+enum Step {
+    Slice(Arc<Slice>),
+    End,
+}
+
 /// Rebuilds every projection into a new generation and switches to it.
 /// Returns the new generation's name.
 pub async fn replay(
@@ -53,17 +66,115 @@ pub async fn replay(
     read: &dyn ReadStore,
     progress: impl Fn(ReplayProgress) + Send + Sync + 'static,
 ) -> Result<String, ReplayError> {
-    let target = read.create_generation().await?;
+    let target: Arc<dyn ReadStore> = Arc::from(read.create_generation().await?);
     let generation = target.generation();
     tracing::info!(%generation, "rebuilding read models");
     let mut head = events.head().await?;
 
     let (tx, mut rx) = mpsc::channel::<Result<Slice, ReplayError>>(2);
     let reader = tokio::spawn(read_slices(Arc::clone(&events), tx));
-    while let Some(slice) = rx.recv().await {
-        let mut slice = slice?;
-        for (i, kind) in ProjectionKind::ALL.into_iter().enumerate() {
-            let dead_letters = slice
+    let mut steps = Vec::new();
+    let mut folds = Vec::new();
+    let folded: Arc<Vec<AtomicU64>> = Arc::new(
+        ProjectionKind::ALL
+            .iter()
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+    );
+    for (i, kind) in ProjectionKind::ALL.into_iter().enumerate() {
+        let (step_tx, step_rx) = mpsc::channel::<Step>(2);
+        steps.push(step_tx);
+        folds.push(tokio::spawn(fold_projection(
+            kind,
+            Arc::clone(&target),
+            step_rx,
+            Arc::clone(&folded),
+            i,
+        )));
+    }
+
+    let mut outcome: Result<(), ReplayError> = Ok(());
+    // A fold that stopped (its error is reported when it is joined): the
+    // others must not finalise.
+    let mut aborted = false;
+    'read: while let Some(slice) = rx.recv().await {
+        let slice = match slice {
+            Ok(slice) => Arc::new(slice),
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        };
+        head = head.max(slice.through);
+        for step in &steps {
+            if step.send(Step::Slice(Arc::clone(&slice))).await.is_err() {
+                aborted = true;
+                break 'read;
+            }
+        }
+        let done = folded
+            .iter()
+            .map(|f| f.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
+        progress(ReplayProgress { done, head });
+    }
+    if outcome.is_ok() && !aborted {
+        for step in &steps {
+            // A failed fold reports its own error below.
+            let _ = step.send(Step::End).await;
+        }
+    }
+    drop(steps);
+    drop(rx);
+    let read_result = reader.await.map_err(|e| ReplayError::Task(e.to_string()));
+    let mut through = 0;
+    for fold in folds {
+        let result = fold
+            .await
+            .map_err(|e| ReplayError::Task(e.to_string()))
+            .and_then(|r| r);
+        match result {
+            Ok(t) => through = through.max(t),
+            Err(e) if outcome.is_ok() => outcome = Err(e),
+            Err(_) => {}
+        }
+    }
+    outcome?;
+    read_result?;
+    progress(ReplayProgress {
+        done: through,
+        head: head.max(through),
+    });
+    target.seal().await?;
+    read.switch_to(&generation).await?;
+    tracing::info!(%generation, "rebuilt read models are now current");
+    Ok(generation)
+}
+
+/// Folds one projection's slices and writes its completion rows as they
+/// come; at `End`, writes everything else. Returns the position it wrote
+/// the checkpoint at (0 for an empty log, which writes nothing).
+async fn fold_projection(
+    kind: ProjectionKind,
+    target: Arc<dyn ReadStore>,
+    mut steps: mpsc::Receiver<Step>,
+    folded: Arc<Vec<AtomicU64>>,
+    slot: usize,
+) -> Result<Position, ReplayError> {
+    let mut fold = Fold::new(kind);
+    let mut dead_letters = Vec::new();
+    let mut through = 0;
+    loop {
+        let slice = match steps.recv().await {
+            Some(Step::Slice(slice)) => slice,
+            Some(Step::End) => break,
+            // The rebuild failed elsewhere.
+            None => return Ok(0),
+        };
+        through = slice.through;
+        dead_letters.extend(
+            slice
                 .undecodable
                 .iter()
                 .map(|(position, id, event_type, error)| DeadLetter {
@@ -73,34 +184,38 @@ pub async fn replay(
                     event_type: event_type.clone(),
                     error: error.clone(),
                     recorded_at: chrono::Utc::now(),
-                })
-                .collect();
-            target
-                .apply(ApplyBatch {
-                    key: CheckpointKey::whole(kind),
-                    // The last projection takes the slice; the others copy it.
-                    completions: if i + 1 == ProjectionKind::ALL.len() {
-                        std::mem::take(&mut slice.completions)
-                    } else {
-                        slice.completions.clone()
-                    },
-                    dead_letters,
-                    through: slice.through,
-                    lease: None,
-                })
-                .await?;
+                }),
+        );
+        let rows;
+        (fold, rows) = tokio::task::spawn_blocking(move || {
+            let rows = fold.add(&slice.completions);
+            (fold, rows)
+        })
+        .await
+        .map_err(|e| ReplayError::Task(e.to_string()))?;
+        if !rows.is_empty() {
+            target.load_completions(rows).await?;
         }
-        head = head.max(slice.through);
-        progress(ReplayProgress {
-            done: slice.through,
-            head,
-        });
+        if let Some(f) = folded.get(slot) {
+            f.store(through, Ordering::Relaxed);
+        }
     }
-    reader.await.map_err(|e| ReplayError::Task(e.to_string()))?;
-    target.seal().await?;
-    read.switch_to(&generation).await?;
-    tracing::info!(%generation, "rebuilt read models are now current");
-    Ok(generation)
+    if through == 0 {
+        return Ok(0);
+    }
+    let (plan, membership) = tokio::task::spawn_blocking(move || fold.finish())
+        .await
+        .map_err(|e| ReplayError::Task(e.to_string()))?;
+    target
+        .load_final(FinalLoad {
+            projection: kind,
+            plan,
+            membership,
+            dead_letters,
+            through,
+        })
+        .await?;
+    Ok(through)
 }
 
 /// Reads the whole log (until a read finds nothing new) and decodes it.

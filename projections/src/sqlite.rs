@@ -15,10 +15,12 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tracker_store::Position;
 
+use crate::fold::Membership;
 use crate::model::Completion;
 use crate::plan::{MembershipKeys, Plan, ProjectionKind, membership_keys, plan};
 use crate::readstore::{
-    ApplyBatch, CheckpointKey, DeadLetter, LeaseHolder, ReadStore, ReadStoreError, Snapshot,
+    ApplyBatch, CheckpointKey, DeadLetter, FinalLoad, LeaseHolder, ReadStore, ReadStoreError,
+    Snapshot,
 };
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -309,6 +311,16 @@ impl SqliteReadStore {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Bulk loads bypass the checkpoint: only into a generation being built.
+    fn building(&self) -> Result<(), ReadStoreError> {
+        if self.follows_current {
+            return Err(storage(
+                "bulk loads go only into a generation being built (create_generation)",
+            ));
+        }
+        Ok(())
     }
 
     /// Runs `f` on this handle's generation connection on a blocking thread.
@@ -716,28 +728,132 @@ fn write_plan(tx: &Transaction<'_>, p: &Plan) -> Result<(), ReadStoreError> {
         }
     }
     if !p.completions.is_empty() {
+        write_completions(tx, &p.completions)?;
+    }
+    Ok(())
+}
+
+fn write_completions(tx: &Transaction<'_>, rows: &[Completion]) -> Result<(), ReadStoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT INTO lrn_completions VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .map_err(storage)?;
+    for c in rows {
+        stmt.execute(params![
+            sql_position(c.position)?,
+            c.event_id.to_string(),
+            sql_id(c.institution_id),
+            sql_id(c.user_id),
+            sql_id(c.trail_id),
+            c.trail_name,
+            c.finished_at_raw,
+            sql_time(c.finished_at),
+            c.day,
+            courses_json(c),
+        ])
+        .map_err(storage)?;
+    }
+    Ok(())
+}
+
+/// Plain inserts (a key already there is an error, not skipped), in the
+/// order given: the tables' key order, so every insert appends.
+fn load_membership(
+    tx: &Transaction<'_>,
+    kind: ProjectionKind,
+    m: &Membership,
+) -> Result<(), ReadStoreError> {
+    fn pairs(tx: &Transaction<'_>, table: &str, keys: &[(u64, u64)]) -> Result<(), ReadStoreError> {
         let mut stmt = tx
-            .prepare_cached(
-                "INSERT INTO lrn_completions VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )
+            .prepare(&format!("INSERT INTO {table} VALUES (?1, ?2)"))
             .map_err(storage)?;
-        for c in &p.completions {
+        for (a, b) in keys {
+            stmt.execute(params![sql_id(*a), sql_id(*b)])
+                .map_err(storage)?;
+        }
+        Ok(())
+    }
+    fn triples(
+        tx: &Transaction<'_>,
+        table: &str,
+        keys: &[(u64, u64, u64)],
+    ) -> Result<(), ReadStoreError> {
+        let mut stmt = tx
+            .prepare(&format!("INSERT INTO {table} VALUES (?1, ?2, ?3)"))
+            .map_err(storage)?;
+        for (a, b, c) in keys {
+            stmt.execute(params![sql_id(*a), sql_id(*b), sql_id(*c)])
+                .map_err(storage)?;
+        }
+        Ok(())
+    }
+    match kind {
+        ProjectionKind::Institutions => {
+            pairs(tx, "inst_m_learners", &m.institution_learners)?;
+            pairs(tx, "inst_m_trails", &m.institution_trails)?;
+            pairs(tx, "inst_m_courses", &m.institution_courses)?;
+            triples(tx, "inst_m_trail_learners", &m.trail_learners)?;
+            triples(tx, "inst_m_course_learners", &m.course_learners)?;
+            triples(tx, "inst_trail_courses", &m.trail_courses)?;
+            let mut stmt = tx
+                .prepare("INSERT INTO inst_m_day_learners VALUES (?1, ?2, ?3)")
+                .map_err(storage)?;
+            for (i, d, u) in &m.day_learners {
+                let day = m
+                    .days
+                    .get(*d as usize)
+                    .ok_or_else(|| storage(format!("day index {d} out of range")))?;
+                stmt.execute(params![sql_id(*i), day, sql_id(*u)])
+                    .map_err(storage)?;
+            }
+        }
+        ProjectionKind::Learners => {
+            triples(tx, "lrn_m_trail_learners", &m.trail_learners)?;
+        }
+    }
+    Ok(())
+}
+
+fn load_final_blocking(conn: &mut Connection, load: FinalLoad) -> Result<(), ReadStoreError> {
+    let FinalLoad {
+        projection,
+        mut plan,
+        membership,
+        dead_letters,
+        through,
+    } = load;
+    plan.completions.clear();
+    // `inst_trail_courses` is a membership table too: written from there.
+    plan.trail_courses.clear();
+    let tx = conn.transaction().map_err(storage)?;
+    write_plan(&tx, &plan)?;
+    load_membership(&tx, projection, &membership)?;
+    {
+        let mut stmt = tx
+            .prepare("INSERT INTO dead_letters VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+            .map_err(storage)?;
+        for d in &dead_letters {
             stmt.execute(params![
-                sql_position(c.position)?,
-                c.event_id.to_string(),
-                sql_id(c.institution_id),
-                sql_id(c.user_id),
-                sql_id(c.trail_id),
-                c.trail_name,
-                c.finished_at_raw,
-                sql_time(c.finished_at),
-                c.day,
-                courses_json(c),
+                d.projection,
+                sql_position(d.position)?,
+                d.event_id.to_string(),
+                d.event_type,
+                d.error,
+                sql_time(d.recorded_at),
             ])
             .map_err(storage)?;
         }
     }
-    Ok(())
+    tx.execute(
+        "INSERT INTO checkpoints (key, position) VALUES (?1, ?2)",
+        params![
+            CheckpointKey::whole(projection).to_string(),
+            sql_position(through)?
+        ],
+    )
+    .map_err(storage)?;
+    tx.commit().map_err(storage)
 }
 
 /// `[{"id":1,"title":"..."}]`, the same text on every backend.
@@ -848,6 +964,22 @@ impl ReadStore for SqliteReadStore {
             apply_blocking(conn, generation, control.as_deref(), batch)
         })
         .await
+    }
+
+    async fn load_completions(&self, rows: Vec<Completion>) -> Result<(), ReadStoreError> {
+        self.building()?;
+        self.with_conn(move |conn, _| {
+            let tx = conn.transaction().map_err(storage)?;
+            write_completions(&tx, &rows)?;
+            tx.commit().map_err(storage)
+        })
+        .await
+    }
+
+    async fn load_final(&self, load: FinalLoad) -> Result<(), ReadStoreError> {
+        self.building()?;
+        self.with_conn(move |conn, _| load_final_blocking(conn, load))
+            .await
     }
 
     async fn acquire_lease(

@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chrono::{NaiveDate, TimeDelta, Utc};
@@ -1054,4 +1055,278 @@ async fn an_unreachable_server_is_an_error_not_a_hang() {
     assert!(started.elapsed() < Duration::from_secs(20));
     let nonsense = PgReadStore::connect("not a url at all ://").await;
     assert!(nonsense.is_err());
+}
+
+// ---------------------------------------------------------------------------
+// 6. Rebuilds (`replay`): folded in memory, bulk loaded.
+
+/// The delivery a source would have sent for `c`.
+fn delivery_of(c: &Completion) -> String {
+    serde_json::json!({
+        "event": {"slug": "activities.trail.completed", "send_at": c.finished_at_raw},
+        "data": {
+            "institution": {"id": c.institution_id},
+            "user": {"id": c.user_id, "name": c.user_name, "email": c.user_email},
+            "trail": {"id": c.trail_id, "name": c.trail_name, "finished_at": c.finished_at_raw,
+                "courses": c.courses.iter().map(|course| serde_json::json!({"id": course.id, "title": course.title})).collect::<Vec<_>>()}
+        }
+    })
+    .to_string()
+}
+
+fn metadata() -> tracker_store::EventMetadata {
+    tracker_store::EventMetadata {
+        received_at: Utc::now(),
+        source_id: "test".into(),
+        request_id: "r".into(),
+        content_hash: "sha256:00".into(),
+    }
+}
+
+async fn ingest(events: &dyn tracker_store::EventStore, body: &str) -> u64 {
+    let zone = tracker_domain::SourceTimeZone::default();
+    let parsed = tracker_domain::parse_delivery(body.as_bytes(), &zone).expect("delivery");
+    let event = tracker_store::NewEvent {
+        id: parsed.event_id(),
+        event_type: parsed.event_type().to_owned(),
+        schema_version: parsed.schema_version(),
+        data: parsed.event_data(&zone).expect("event data"),
+        metadata: metadata(),
+    };
+    events
+        .append(
+            &parsed.stream(),
+            tracker_store::ExpectedRevision::Any,
+            vec![event],
+        )
+        .await
+        .expect("append")
+        .events[0]
+        .position
+}
+
+/// A log of `generate`d completions with undecodable completions and events
+/// of another type among them, and one of another type at the end.
+async fn event_log(n: usize, seed: u64) -> (tempfile::TempDir, Arc<dyn tracker_store::EventStore>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events: Arc<dyn tracker_store::EventStore> = Arc::new(
+        tracker_store::sqlite::SqliteEventStore::open(dir.path().join("events.sqlite"))
+            .expect("event store"),
+    );
+    for (k, c) in generate(n, seed).iter().enumerate() {
+        ingest(&*events, &delivery_of(c)).await;
+        if k % 37 == 5 {
+            events
+                .append(
+                    "learner-1-1",
+                    tracker_store::ExpectedRevision::Any,
+                    vec![tracker_store::NewEvent {
+                        id: Uuid::new_v4(),
+                        event_type: "TrailCompleted".into(),
+                        schema_version: 1,
+                        data: r#"{"institution_id": 1}"#.into(),
+                        metadata: metadata(),
+                    }],
+                )
+                .await
+                .expect("append undecodable");
+        }
+        if k % 29 == 3 || k + 1 == n {
+            ingest(
+                &*events,
+                &format!(
+                    r#"{{"event":{{"slug":"activities.course.completed"}},"data":{{"institution":{{"id":7}},"user":{{"id":{}}}}}}}"#,
+                    k + 1
+                ),
+            )
+            .await;
+        }
+    }
+    (dir, events)
+}
+
+/// What the runner does, in batches of the given sizes (cycled): decode,
+/// dead-letter what does not decode, checkpoint at the batch's last event.
+async fn apply_log(store: &dyn ReadStore, events: &dyn tracker_store::EventStore, sizes: &[usize]) {
+    let log = events
+        .read_all(tracker_store::ReadAll {
+            from: 1,
+            limit: 1_000_000,
+        })
+        .await
+        .expect("read log");
+    let mut rest = log.as_slice();
+    for size in sizes.iter().cycle() {
+        if rest.is_empty() {
+            break;
+        }
+        let (chunk, tail) = rest.split_at((*size).min(rest.len()));
+        for kind in ProjectionKind::ALL {
+            let mut completions = Vec::new();
+            let mut dead_letters = Vec::new();
+            for e in chunk.iter().filter(|e| Completion::wants(e)) {
+                match Completion::decode(e) {
+                    Ok(c) => completions.push(c),
+                    Err(err) => dead_letters.push(DeadLetter {
+                        projection: kind.name().to_owned(),
+                        position: e.position,
+                        event_id: e.id,
+                        event_type: e.event_type.clone(),
+                        error: err.0,
+                        recorded_at: Utc::now(),
+                    }),
+                }
+            }
+            store
+                .apply(ApplyBatch {
+                    key: CheckpointKey::whole(kind),
+                    completions,
+                    dead_letters,
+                    through: chunk.last().map(|e| e.position).unwrap_or(0),
+                    lease: None,
+                })
+                .await
+                .expect("apply");
+        }
+        rest = tail;
+    }
+}
+
+/// Checkpoints and dead letters (without when they were recorded).
+async fn bookkeeping(store: &dyn ReadStore) -> (Vec<(String, u64)>, Vec<String>) {
+    let dead = store
+        .dead_letters(100_000)
+        .await
+        .expect("dead letters")
+        .into_iter()
+        .map(|d| {
+            format!(
+                "{} {} {} {} {}",
+                d.projection, d.position, d.event_id, d.event_type, d.error
+            )
+        })
+        .collect();
+    (store.checkpoints().await.expect("checkpoints"), dead)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_equals_incremental_application_on_postgres_and_sqlite() {
+    let db = TestDb::create().await;
+    let (dir, events) = event_log(300, 11).await;
+    let head = events.head().await.expect("head");
+
+    let pg = PgReadStore::connect(&db.url).await.expect("connect");
+    apply_log(&pg, &*events, &[1, 7, 64, 3, 150]).await;
+    let live = pg.snapshot().await.expect("snapshot");
+    let live_books = bookkeeping(&pg).await;
+    assert!(!live_books.1.is_empty(), "the log has undecodable events");
+    assert_eq!(
+        live_books.0,
+        [
+            ("institutions".to_owned(), head),
+            ("learners".to_owned(), head)
+        ]
+    );
+
+    let generation = tracker_projections::replay::replay(Arc::clone(&events), &pg, |_| {})
+        .await
+        .expect("replay into postgres");
+    assert!(pg.follow_current().await.expect("follow"));
+    assert_eq!(pg.generation(), generation);
+    assert_same(&live, &pg.snapshot().await.expect("snapshot"), "pg rebuild");
+    assert_eq!(bookkeeping(&pg).await, live_books);
+
+    let sqlite = SqliteReadStore::open(dir.path().join("readmodels")).expect("sqlite");
+    tracker_projections::replay::replay(Arc::clone(&events), &sqlite, |_| {})
+        .await
+        .expect("replay into sqlite");
+    assert!(sqlite.follow_current().await.expect("follow"));
+    assert_same(
+        &live,
+        &sqlite.snapshot().await.expect("snapshot"),
+        "sqlite rebuild",
+    );
+    assert_eq!(bookkeeping(&sqlite).await, live_books);
+
+    // The live path goes on in both rebuilt generations: more of the same
+    // learners, trails and courses count as completions, not as new members.
+    let more = generate(400, 11);
+    let more: Vec<Completion> = more[300..]
+        .iter()
+        .map(|c| Completion {
+            position: c.position + head,
+            ..c.clone()
+        })
+        .collect();
+    apply_in_batches(&pg, &more, &[33]).await;
+    apply_in_batches(&sqlite, &more, &[100]).await;
+    let reference = PgReadStore::connect(&db.url).await.expect("connect");
+    let incremental = reference.create_generation().await.expect("generation");
+    apply_log(&*incremental, &*events, &[50]).await;
+    apply_in_batches(&*incremental, &more, &[100]).await;
+    let expected = incremental.snapshot().await.expect("snapshot");
+    assert_same(
+        &expected,
+        &pg.snapshot().await.expect("snapshot"),
+        "pg after rebuild",
+    );
+    assert_same(
+        &expected,
+        &sqlite.snapshot().await.expect("snapshot"),
+        "sqlite after rebuild",
+    );
+}
+
+/// A rebuilt generation is loaded without its read-side indexes and must
+/// come out with exactly the indexes and constraints of a normal one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_generation_has_every_index_back() {
+    let db = TestDb::create().await;
+    let (_dir, events) = event_log(40, 3).await;
+    let pg = PgReadStore::connect(&db.url).await.expect("connect");
+    let rebuilt = tracker_projections::replay::replay(Arc::clone(&events), &pg, |_| {})
+        .await
+        .expect("replay");
+    let client = db.client().await;
+    let describe = |generation: String| {
+        let client = &client;
+        async move {
+            let schema = format!("tracker_rm_{generation}");
+            client
+                .query(
+                    "SELECT tablename::text || ' ' || indexname::text || ' ' || replace(indexdef, $1, 's')
+                     FROM pg_indexes WHERE schemaname = $2 ORDER BY 1",
+                    &[&format!("{schema}."), &schema],
+                )
+                .await
+                .expect("indexes")
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<String>>()
+        }
+    };
+    let fresh = describe("g1".to_owned()).await;
+    let built = describe(rebuilt).await;
+    assert!(
+        fresh.iter().any(|i| i.contains("inst_trails_by_name")),
+        "{fresh:?}"
+    );
+    assert!(
+        fresh
+            .iter()
+            .any(|i| i.contains("lrn_completions_event_id_key")),
+        "{fresh:?}"
+    );
+    assert_eq!(built, fresh);
+}
+
+/// Bulk loads skip the checkpoint, so only a generation being built takes
+/// them.
+#[tokio::test]
+async fn bulk_loads_are_refused_outside_a_build() {
+    let db = TestDb::create().await;
+    let pg = PgReadStore::connect(&db.url).await.expect("connect");
+    let err = pg.load_completions(generate(3, 1)).await;
+    assert!(matches!(err, Err(ReadStoreError::Storage(_))), "{err:?}");
+    assert!(is_empty(&pg.snapshot().await.expect("snapshot")));
 }
