@@ -159,6 +159,165 @@ pub struct ReadAll {
     pub limit: usize,
 }
 
+/// A stretch of the log in its stored form, for consumers that copy events
+/// out without interpreting them (exports): every text field of every event
+/// in one buffer, so reading a chunk costs two allocations (none when the
+/// buffer is reused), not six per event, and nothing is parsed or
+/// re-validated. [`EventStore::read_all_raw`] fills it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawEvents {
+    bytes: Vec<u8>,
+    events: Vec<RawIndex>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RawIndex {
+    position: Position,
+    id: Uuid,
+    revision: u64,
+    schema_version: u32,
+    /// Where each text field ends in `bytes`, in [`RawEvent::texts`]
+    /// order; each starts where the one before ends (the first at the end
+    /// of the previous event's last field).
+    ends: [usize; 7],
+}
+
+/// One event of [`RawEvents`]. Text fields are the bytes appended (UTF-8,
+/// not re-checked on the way out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawEvent<'a> {
+    pub position: Position,
+    pub id: Uuid,
+    pub stream: &'a [u8],
+    pub revision: u64,
+    pub event_type: &'a [u8],
+    pub schema_version: u32,
+    /// JSON text exactly as appended.
+    pub data: &'a [u8],
+    /// RFC 3339, UTC. The embedded store holds nanoseconds and `Z`
+    /// (`2024-01-01T00:00:00.000000000Z`); other backends write that form
+    /// too, so it sorts as text.
+    pub received_at: &'a [u8],
+    pub source_id: &'a [u8],
+    pub request_id: &'a [u8],
+    pub content_hash: &'a [u8],
+}
+
+impl<'a> RawEvent<'a> {
+    fn texts(&self) -> [&'a [u8]; 7] {
+        [
+            self.stream,
+            self.event_type,
+            self.data,
+            self.received_at,
+            self.source_id,
+            self.request_id,
+            self.content_hash,
+        ]
+    }
+}
+
+impl RawEvents {
+    /// Empties it, keeping its allocations.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.events.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Bytes of text held (a chunk's size, for sizing output buffers).
+    pub fn text_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn push(&mut self, event: &RawEvent<'_>) {
+        let mut ends = [0; 7];
+        for (end, text) in ends.iter_mut().zip(event.texts()) {
+            self.bytes.extend_from_slice(text);
+            *end = self.bytes.len();
+        }
+        self.events.push(RawIndex {
+            position: event.position,
+            id: event.id,
+            revision: event.revision,
+            schema_version: event.schema_version,
+            ends,
+        });
+    }
+
+    /// Appends a decoded event in the stored form (`received_at` with
+    /// nanoseconds and `Z`).
+    pub fn push_recorded(&mut self, e: &RecordedEvent) {
+        let received_at = sql::format_time(&e.metadata.received_at);
+        self.push(&RawEvent {
+            position: e.position,
+            id: e.id,
+            stream: e.stream.as_bytes(),
+            revision: e.revision,
+            event_type: e.event_type.as_bytes(),
+            schema_version: e.schema_version,
+            data: e.data.as_bytes(),
+            received_at: received_at.as_bytes(),
+            source_id: e.metadata.source_id.as_bytes(),
+            request_id: e.metadata.request_id.as_bytes(),
+            content_hash: e.metadata.content_hash.as_bytes(),
+        });
+    }
+
+    pub fn get(&self, index: usize) -> Option<RawEvent<'_>> {
+        let i = self.events.get(index)?;
+        let start = index
+            .checked_sub(1)
+            .and_then(|p| self.events.get(p))
+            .map_or(0, |p| p.ends[6]);
+        let mut texts = [&[][..]; 7];
+        let mut from = start;
+        for (text, &end) in texts.iter_mut().zip(&i.ends) {
+            *text = self.bytes.get(from..end)?;
+            from = end;
+        }
+        let [
+            stream,
+            event_type,
+            data,
+            received_at,
+            source_id,
+            request_id,
+            content_hash,
+        ] = texts;
+        Some(RawEvent {
+            position: i.position,
+            id: i.id,
+            stream,
+            revision: i.revision,
+            event_type,
+            schema_version: i.schema_version,
+            data,
+            received_at,
+            source_id,
+            request_id,
+            content_hash,
+        })
+    }
+
+    /// The events, in the order read.
+    pub fn iter(&self) -> impl Iterator<Item = RawEvent<'_>> {
+        (0..self.events.len()).filter_map(|i| self.get(i))
+    }
+
+    /// The position of the last event, if any.
+    pub fn last_position(&self) -> Option<Position> {
+        self.events.last().map(|e| e.position)
+    }
+}
+
 /// A catch-up-then-live stream of every event from a position on, in
 /// position order, with no gap and no repeat across the switch to live.
 pub type Subscription = BoxStream<'static, Result<RecordedEvent, StoreError>>;
@@ -209,6 +368,23 @@ pub trait EventStore: Send + Sync + fmt::Debug {
 
     /// A bounded slice of the global log in position order.
     async fn read_all(&self, read: ReadAll) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// [`read_all`](Self::read_all) in the stored form, into `buf`
+    /// (cleared first; its allocations are reused): the same events, for
+    /// readers that copy them out (exports). Backends override it when they
+    /// can skip decoding; this default decodes and re-encodes.
+    async fn read_all_raw(
+        &self,
+        read: ReadAll,
+        mut buf: RawEvents,
+    ) -> Result<RawEvents, StoreError> {
+        let events = self.read_all(read).await?;
+        buf.clear();
+        for e in &events {
+            buf.push_recorded(e);
+        }
+        Ok(buf)
+    }
 
     /// The position of the last recorded event (0 for an empty log).
     async fn head(&self) -> Result<Position, StoreError>;
