@@ -4,6 +4,7 @@
 
 mod api;
 mod api_export;
+mod api_log;
 mod api_openapi;
 mod api_pages;
 mod concurrency;

@@ -109,6 +109,26 @@ impl ApiKey {
     }
 }
 
+impl ApiKey {
+    /// 403 unless the key holds every institution (`institutions = ["*"]`):
+    /// what reading the whole log takes.
+    pub fn check_every_institution(&self) -> Result<(), Failure> {
+        if self.institutions == InstitutionScope::All {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "operator_key_required",
+                format!(
+                    "API key {} holds only some institutions; the whole log needs a key for every institution (institutions = [\"*\"])",
+                    self.id
+                ),
+            )
+            .into())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +170,21 @@ mod tests {
             .authenticate(&with_auth("bearer  key-ops-0123456789"))
             .unwrap();
         assert!(ops.check(InstitutionId::try_from(8).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn only_a_key_for_every_institution_reads_the_whole_log() {
+        let keys = keys();
+        let ops = keys
+            .authenticate(&with_auth("Bearer key-ops-0123456789"))
+            .unwrap();
+        assert!(ops.check_every_institution().is_ok());
+        let one = keys
+            .authenticate(&with_auth("Bearer key-one-0123456789"))
+            .unwrap();
+        let refused = one.check_every_institution().unwrap_err();
+        assert_eq!(refused.error.status, StatusCode::FORBIDDEN);
+        assert_eq!(refused.error.code, "operator_key_required");
     }
 
     #[test]

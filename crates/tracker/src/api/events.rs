@@ -1,14 +1,19 @@
 //! Raw recorded events, straight from the event log (not the read models),
-//! for audits: an institution's events, or one learner's stream.
+//! for audits: the whole log (operator keys only), an institution's events,
+//! or one learner's stream.
 //!
 //! JSON and CSV answers are pages; `Accept: application/x-ndjson` streams
 //! the whole range instead, reading the log in chunks and writing each as
 //! it is read, so an export of any size runs in constant memory (and a slow
-//! reader slows the reading, through the socket's backpressure).
+//! reader slows the reading, through the socket's backpressure and a
+//! one-chunk queue). Exports read the log in its stored form
+//! ([`RawEvents`]) and write each line from the stored bytes: the same JSON
+//! as a page's [`dto::Event`], without decoding, allocating per event or
+//! re-serializing the data.
 //!
-//! The global log is filtered by stream name: every event of institution
-//! `I` is in `learner-I-{user}` or `institution-I`, so no event of another
-//! institution can appear.
+//! An institution's events are found by stream name: every event of
+//! institution `I` is in `learner-I-{user}` or `institution-I`, so no event
+//! of another institution can appear.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,7 +23,10 @@ use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use tracker_store::{EventStore, Position, ReadAll, RecordedEvent, StoreError};
+use tokio::sync::mpsc;
+use tracker_store::{
+    EventStore, Position, RawEvent, RawEvents, ReadAll, RecordedEvent, StoreError,
+};
 use utoipa::{IntoParams, IntoResponses};
 
 use super::dto::{self, ErrorBody};
@@ -26,13 +34,25 @@ use super::params::{self, CursorKey, CursorScope, decode_cursor, encode_cursor};
 use super::{ApiContext, Failure, Format, negotiate};
 use crate::error::ApiError;
 
-/// Events read from the log per query.
+/// Events read from the log per query of a page.
 pub const CHUNK: usize = 1_000;
 /// Most events one JSON or CSV page reads, matching or not: a page of a
 /// sparse filter may come back short (or empty) with a cursor to go on.
 pub const SCAN_BUDGET: usize = 10_000;
+/// Events read from the log per query of an NDJSON export (about 3 MiB of
+/// output for the benchmark's events). At most three chunks are held at a
+/// time (one being read and encoded, one queued, one being sent), so this
+/// bounds an export's memory whatever the size of the log.
+pub const EXPORT_CHUNK: usize = 2_000;
+/// Encoded chunks waiting for the socket: one, so the next chunk is read
+/// while the previous is sent, and a reader that stops stops the reading.
+const EXPORT_QUEUE: usize = 1;
+/// Largest piece of a chunk handed to the HTTP layer at a time: it copies
+/// each piece into its write buffer, which it keeps when it stays under
+/// 128 KiB.
+const BODY_PIECE: usize = 64 * 1024;
 
-/// Errors of the raw-event endpoints.
+/// Errors of the raw-event endpoints of one institution.
 #[derive(IntoResponses)]
 #[allow(dead_code)]
 pub enum EventErrors {
@@ -51,6 +71,28 @@ pub enum EventErrors {
     /// `learner_not_found`: the log holds no event of this learner.
     #[response(status = 404)]
     NotFound(ErrorBody),
+    /// The event log cannot be read right now.
+    #[response(status = 503, headers(("Retry-After" = u64, description = "Seconds.")))]
+    Unavailable(ErrorBody),
+}
+
+/// Errors of the whole log.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum LogErrors {
+    /// A parameter is malformed, unknown or out of range (`field` names it).
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// No API key, or not a configured one.
+    #[response(
+        status = 401,
+        headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"tracker\"`"))
+    )]
+    Unauthorized(ErrorBody),
+    /// `operator_key_required`: the key holds only some institutions, and
+    /// the whole log is every institution's. Nothing is read.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
     /// The event log cannot be read right now.
     #[response(status = 503, headers(("Retry-After" = u64, description = "Seconds.")))]
     Unavailable(ErrorBody),
@@ -76,12 +118,37 @@ pub struct EventsQuery {
     to: Option<DateTime<Utc>>,
 }
 
+/// Which streams an answer holds.
+#[derive(Debug, Clone)]
+enum Streams {
+    /// Every stream read (the whole log, or the one stream read).
+    Any,
+    /// `learner-{institution}-…` and `institution-{institution}`.
+    Institution {
+        learner_prefix: String,
+        institution_stream: String,
+    },
+}
+
+impl Streams {
+    fn matches(&self, stream: &[u8]) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Institution {
+                learner_prefix,
+                institution_stream,
+            } => {
+                stream.starts_with(learner_prefix.as_bytes())
+                    || stream == institution_stream.as_bytes()
+            }
+        }
+    }
+}
+
 /// Which events of the log an answer holds.
 #[derive(Debug, Clone)]
 struct Filter {
-    /// `learner-{institution}-`, or `None` for one learner's stream.
-    learner_prefix: Option<String>,
-    institution_stream: String,
+    streams: Streams,
     from_position: Position,
     to_position: Position,
     from: Option<DateTime<Utc>>,
@@ -90,15 +157,29 @@ struct Filter {
 
 impl Filter {
     fn matches(&self, e: &RecordedEvent) -> bool {
-        let stream_ok = match &self.learner_prefix {
-            Some(prefix) => e.stream.starts_with(prefix) || e.stream == self.institution_stream,
-            None => true,
-        };
-        stream_ok
-            && e.position >= self.from_position
-            && e.position <= self.to_position
-            && self.from.is_none_or(|t| e.metadata.received_at >= t)
-            && self.to.is_none_or(|t| e.metadata.received_at < t)
+        self.streams.matches(e.stream.as_bytes())
+            && self.positions(e.position)
+            && self.times(e.metadata.received_at)
+    }
+
+    /// As [`Self::matches`]; the time is parsed only when a time filter
+    /// needs it.
+    fn matches_raw(&self, e: &RawEvent<'_>) -> Result<bool, Unreadable> {
+        if !(self.streams.matches(e.stream) && self.positions(e.position)) {
+            return Ok(false);
+        }
+        if self.from.is_none() && self.to.is_none() {
+            return Ok(true);
+        }
+        Ok(self.times(parse_received_at(e)?))
+    }
+
+    fn positions(&self, position: Position) -> bool {
+        position >= self.from_position && position <= self.to_position
+    }
+
+    fn times(&self, received_at: DateTime<Utc>) -> bool {
+        self.from.is_none_or(|t| received_at >= t) && self.to.is_none_or(|t| received_at < t)
     }
 }
 
@@ -136,6 +217,37 @@ async fn read_chunk(
     }
 }
 
+/// [`read_chunk`] in the stored form, into `buf`.
+async fn read_raw_chunk(
+    store: &dyn EventStore,
+    source: &Source,
+    after: u64,
+    limit: usize,
+    mut buf: RawEvents,
+) -> Result<(RawEvents, u64), StoreError> {
+    match source {
+        Source::All => {
+            let read = ReadAll {
+                from: after + 1,
+                limit,
+            };
+            let events = store.read_all_raw(read, buf).await?;
+            let next = events.last_position().unwrap_or(after);
+            Ok((events, next))
+        }
+        // One learner's stream is small: decoded, then re-encoded.
+        Source::Stream(stream) => {
+            let events = store.read_stream(stream, after, limit).await?;
+            buf.clear();
+            for e in &events {
+                buf.push_recorded(e);
+            }
+            let next = events.last().map_or(after, |e| e.revision + 1);
+            Ok((buf, next))
+        }
+    }
+}
+
 fn store_unavailable(e: &StoreError) -> Failure {
     tracing::warn!(error = %e, "event log read failed");
     Failure::from(ApiError::new(
@@ -154,12 +266,32 @@ struct Request {
     limit: usize,
 }
 
-fn parse(req: &HttpRequest, ctx: &ApiContext, learner: bool) -> Result<(Request, Format), Failure> {
+/// What an endpoint reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reads {
+    /// The whole log.
+    Log,
+    /// `/v1/institutions/{institution_id}/events`.
+    Institution,
+    /// `/v1/institutions/{institution_id}/learners/{user_id}/events`.
+    Learner,
+}
+
+fn parse(req: &HttpRequest, ctx: &ApiContext, reads: Reads) -> Result<(Request, Format), Failure> {
     let key = ctx.keys.authenticate(req.headers())?;
-    let institution = params::institution(req)?;
-    key.check(institution)?;
+    let institution = match reads {
+        Reads::Log => {
+            key.check_every_institution()?;
+            None
+        }
+        Reads::Institution | Reads::Learner => {
+            let institution = params::institution(req)?;
+            key.check(institution)?;
+            Some(institution)
+        }
+    };
     let q: EventsQuery = params::query(req)?;
-    let user = if learner {
+    let user = if reads == Reads::Learner {
         Some(params::path_id(req, "user_id")?)
     } else {
         None
@@ -183,16 +315,24 @@ fn parse(req: &HttpRequest, ctx: &ApiContext, learner: bool) -> Result<(Request,
             format!("from ({a}) is after to ({b})"),
         ));
     }
-    let (source, scope, learner_prefix) = match user {
-        Some(user) => (
+    let (source, scope, streams) = match (institution, user) {
+        (Some(institution), Some(user)) => (
             Source::Stream(format!("learner-{institution}-{user}")),
             CursorScope::new(format!("events/{institution}/{user}"), "revision"),
-            None,
+            Streams::Any,
         ),
-        None => (
+        (Some(institution), None) => (
             Source::All,
             CursorScope::new(format!("events/{institution}"), "position"),
-            Some(format!("learner-{institution}-")),
+            Streams::Institution {
+                learner_prefix: format!("learner-{institution}-"),
+                institution_stream: format!("institution-{institution}"),
+            },
+        ),
+        (None, _) => (
+            Source::All,
+            CursorScope::new("events", "position"),
+            Streams::Any,
         ),
     };
     let from_position = q.from_position.unwrap_or(0);
@@ -216,8 +356,7 @@ fn parse(req: &HttpRequest, ctx: &ApiContext, learner: bool) -> Result<(Request,
         Request {
             source,
             filter: Filter {
-                learner_prefix,
-                institution_stream: format!("institution-{institution}"),
+                streams,
                 from_position,
                 to_position: q.to_position.unwrap_or(Position::MAX),
                 from: q.from,
@@ -229,6 +368,33 @@ fn parse(req: &HttpRequest, ctx: &ApiContext, learner: bool) -> Result<(Request,
         },
         format,
     ))
+}
+
+/// The whole event log, every institution's events, by position (operator
+/// keys only).
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "raw events",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "A page of events (JSON or CSV), or with `Accept: application/x-ndjson` every event of the range in position order, one JSON object a line (the same object as a page's item), streamed up to the log's head when the export began.",
+            content(
+                (dto::EventPage = "application/json"),
+                (String = "text/csv"),
+                (String = "application/x-ndjson")
+            ),
+            headers(("X-Next-Cursor" = String, description = "The next page's cursor, when there is one (pages)."))),
+        LogErrors
+    ),
+    security(("bearer" = []))
+)]
+pub async fn log_events(
+    req: HttpRequest,
+    ctx: web::Data<ApiContext>,
+) -> Result<HttpResponse, Failure> {
+    let (request, format) = parse(&req, &ctx, Reads::Log)?;
+    answer(ctx, request, format).await
 }
 
 /// An institution's recorded events (every stream of it), by position.
@@ -256,7 +422,7 @@ pub async fn institution_events(
     req: HttpRequest,
     ctx: web::Data<ApiContext>,
 ) -> Result<HttpResponse, Failure> {
-    let (request, format) = parse(&req, &ctx, false)?;
+    let (request, format) = parse(&req, &ctx, Reads::Institution)?;
     answer(ctx, request, format).await
 }
 
@@ -286,7 +452,7 @@ pub async fn learner_events(
     req: HttpRequest,
     ctx: web::Data<ApiContext>,
 ) -> Result<HttpResponse, Failure> {
-    let (request, format) = parse(&req, &ctx, true)?;
+    let (request, format) = parse(&req, &ctx, Reads::Learner)?;
     if let Source::Stream(stream) = &request.source {
         let first = ctx
             .events
@@ -394,110 +560,528 @@ async fn page(
     Ok((items, next))
 }
 
+type BodyItem = Result<Bytes, actix_web::Error>;
+
 /// The NDJSON export: every matching event up to the head as it was when
-/// the export began, a chunk of the log at a time.
+/// the export began, a chunk of the log at a time. A task reads and
+/// encodes the next chunk while the previous one is being sent.
 async fn export(ctx: web::Data<ApiContext>, request: Request) -> Result<HttpResponse, Failure> {
     let head = ctx.events.head().await.map_err(|e| store_unavailable(&e))?;
-    let mut filter = request.filter.clone();
+    let mut filter = request.filter;
     filter.to_position = filter.to_position.min(head);
-    let state = ExportState {
+    let (tx, rx) = mpsc::channel(EXPORT_QUEUE);
+    let producer = Exporter {
         store: Arc::clone(&ctx.events),
         ctx: ctx.clone(),
         source: request.source,
-        filter,
+        filter: Arc::new(filter),
         after: request.after,
-        done: false,
     };
-    let body = futures::stream::unfold(state, |mut state| async move {
-        let chunk = state.next_chunk().await?;
-        Some((chunk, state))
+    actix_web::rt::spawn(producer.run(tx));
+    // Chunks go out in pieces the HTTP layer copies cheaply; the queue
+    // ends when the producer is done (or failed, after its error item).
+    let body = futures::stream::unfold((rx, Bytes::new()), |(mut rx, mut pending)| async move {
+        if pending.is_empty() {
+            match rx.recv().await? {
+                Ok(chunk) => pending = chunk,
+                Err(e) => return Some((Err(e), (rx, Bytes::new()))),
+            }
+        }
+        let piece = pending.split_to(pending.len().min(BODY_PIECE));
+        Some((Ok(piece), (rx, pending)))
     });
     Ok(HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, "application/x-ndjson"))
         .streaming(body))
 }
 
-struct ExportState {
+struct Exporter {
     store: Arc<dyn EventStore>,
     ctx: web::Data<ApiContext>,
     source: Source,
-    filter: Filter,
+    filter: Arc<Filter>,
     after: u64,
-    done: bool,
 }
 
-impl ExportState {
-    /// The next non-empty piece of output, `None` at the end. A failure
-    /// ends the body early (the client sees a truncated transfer).
-    async fn next_chunk(&mut self) -> Option<Result<Bytes, actix_web::Error>> {
+impl Exporter {
+    /// Reads, encodes and queues chunks until the range is done, the
+    /// client has gone (the queue is closed) or a read fails. A failure is
+    /// queued as an error item, which ends the body early (the client sees
+    /// a truncated transfer).
+    async fn run(mut self, tx: mpsc::Sender<BodyItem>) {
+        let mut buf = RawEvents::default();
         loop {
-            if self.done {
-                return None;
-            }
-            let (events, next) =
-                match read_chunk(&*self.store, &self.source, self.after, CHUNK).await {
-                    Ok(read) => read,
-                    Err(e) => {
-                        self.done = true;
-                        tracing::error!(error = %e, "NDJSON export stopped: event log read failed");
-                        return Some(Err(actix_web::error::ErrorServiceUnavailable(
+            let read =
+                read_raw_chunk(&*self.store, &self.source, self.after, EXPORT_CHUNK, buf).await;
+            let (events, next) = match read {
+                Ok(read) => read,
+                Err(e) => {
+                    tracing::error!(error = %e, "NDJSON export stopped: event log read failed");
+                    let _ = tx
+                        .send(Err(actix_web::error::ErrorServiceUnavailable(
                             "event log unavailable",
-                        )));
-                    }
-                };
-            if events.len() < CHUNK {
-                self.done = true;
-            }
+                        )))
+                        .await;
+                    return;
+                }
+            };
+            let last_read = events.len() < EXPORT_CHUNK;
             self.after = next;
-            let mut out = Vec::with_capacity(events.len() * 512);
-            let mut written = 0u64;
-            for e in events {
-                if e.position > self.filter.to_position {
-                    self.done = true;
-                    break;
+            // Encoding runs beside the worker thread that writes to the
+            // socket, not on it.
+            let filter = Arc::clone(&self.filter);
+            let encoded = tokio::task::spawn_blocking(move || {
+                let encoded = encode_chunk(&filter, &events);
+                (events, encoded)
+            })
+            .await;
+            let chunk = match encoded {
+                Ok((events, Ok(chunk))) => {
+                    buf = events;
+                    chunk
                 }
-                if !self.filter.matches(&e) {
-                    continue;
-                }
-                let event = match dto::Event::try_from(e) {
-                    Ok(event) => event,
-                    Err(err) => {
-                        self.done = true;
-                        tracing::error!(error = %err, "NDJSON export stopped: unreadable event data");
-                        return Some(Err(actix_web::error::ErrorInternalServerError(
+                Ok((_, Err(e))) => {
+                    tracing::error!(
+                        position = e.position,
+                        reason = e.reason,
+                        "NDJSON export stopped: unreadable event"
+                    );
+                    let _ = tx
+                        .send(Err(actix_web::error::ErrorInternalServerError(
                             "unreadable event",
-                        )));
-                    }
-                };
-                let start = out.len();
-                if serde_json::to_writer(&mut out, &event).is_err() {
-                    self.done = true;
-                    return Some(Err(actix_web::error::ErrorInternalServerError(
-                        "unwritable event",
-                    )));
+                        )))
+                        .await;
+                    return;
                 }
-                one_line(&mut out[start..]);
-                out.push(b'\n');
-                written += 1;
-            }
-            if written > 0 {
+                Err(e) => {
+                    tracing::error!(error = %e, "NDJSON export stopped: encoding task failed");
+                    let _ = tx
+                        .send(Err(actix_web::error::ErrorInternalServerError(
+                            "export failed",
+                        )))
+                        .await;
+                    return;
+                }
+            };
+            if chunk.lines > 0 {
                 self.ctx
                     .exported_events
-                    .fetch_add(written, Ordering::Relaxed);
-                return Some(Ok(Bytes::from(out)));
+                    .fetch_add(chunk.lines, Ordering::Relaxed);
+                // A closed queue: the client has gone.
+                if tx.send(Ok(Bytes::from(chunk.bytes))).await.is_err() {
+                    return;
+                }
+            }
+            if last_read || chunk.past_end {
+                return;
             }
         }
     }
 }
 
+/// A chunk's NDJSON lines.
+struct Encoded {
+    bytes: Vec<u8>,
+    lines: u64,
+    /// An event beyond `to_position` was reached: nothing more to read.
+    past_end: bool,
+}
+
+/// A recorded event that cannot be written as it should.
+#[derive(Debug)]
+struct Unreadable {
+    position: Position,
+    reason: &'static str,
+}
+
+/// Bytes a line adds to the event's own text (field names, numbers, id).
+const LINE_OVERHEAD: usize = 256;
+
+fn encode_chunk(filter: &Filter, events: &RawEvents) -> Result<Encoded, Unreadable> {
+    let mut out = Vec::with_capacity(events.text_bytes() + events.len() * LINE_OVERHEAD);
+    let mut lines = 0;
+    let mut past_end = false;
+    for e in events.iter() {
+        if e.position > filter.to_position {
+            past_end = true;
+            break;
+        }
+        if filter.matches_raw(&e)? {
+            write_line(&mut out, &e)?;
+            lines += 1;
+        }
+    }
+    Ok(Encoded {
+        bytes: out,
+        lines,
+        past_end,
+    })
+}
+
+/// Writes `e` as one NDJSON line: byte for byte what serializing its
+/// [`dto::Event`] with serde_json writes (same fields in the same order,
+/// same string escapes, `received_at` as chrono writes it), with the line
+/// breaks between the tokens of `data` made spaces (JSON strings cannot
+/// hold a raw line break, so every one is such whitespace, and a space
+/// means the same), then `\n`.
+fn write_line(out: &mut Vec<u8>, e: &RawEvent<'_>) -> Result<(), Unreadable> {
+    let bad = |reason| Unreadable {
+        position: e.position,
+        reason,
+    };
+    out.extend_from_slice(b"{\"position\":");
+    write_u64(out, e.position);
+    out.extend_from_slice(b",\"event_id\":\"");
+    let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    out.extend_from_slice(e.id.hyphenated().encode_lower(&mut id).as_bytes());
+    out.extend_from_slice(b"\",\"stream\":");
+    write_str(out, e.stream).map_err(|()| bad("stream is not UTF-8"))?;
+    out.extend_from_slice(b",\"revision\":");
+    write_u64(out, e.revision);
+    out.extend_from_slice(b",\"type\":");
+    write_str(out, e.event_type).map_err(|()| bad("type is not UTF-8"))?;
+    out.extend_from_slice(b",\"schema_version\":");
+    write_u64(out, u64::from(e.schema_version));
+    out.extend_from_slice(b",\"received_at\":\"");
+    write_time(out, e)?;
+    out.extend_from_slice(b"\",\"source_id\":");
+    write_str(out, e.source_id).map_err(|()| bad("source_id is not UTF-8"))?;
+    out.extend_from_slice(b",\"request_id\":");
+    write_str(out, e.request_id).map_err(|()| bad("request_id is not UTF-8"))?;
+    out.extend_from_slice(b",\"content_hash\":");
+    write_str(out, e.content_hash).map_err(|()| bad("content_hash is not UTF-8"))?;
+    out.extend_from_slice(b",\"data\":");
+    // As a `RawValue` holds it: the JSON text without surrounding
+    // whitespace.
+    let data = trim_json_whitespace(e.data);
+    if data.is_empty() {
+        return Err(bad("data is empty"));
+    }
+    if std::str::from_utf8(data).is_err() {
+        return Err(bad("data is not UTF-8"));
+    }
+    let start = out.len();
+    out.extend_from_slice(data);
+    one_line(&mut out[start..]);
+    out.extend_from_slice(b"}\n");
+    Ok(())
+}
+
+fn trim_json_whitespace(mut text: &[u8]) -> &[u8] {
+    let blank = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    while let [first, rest @ ..] = text
+        && blank(first)
+    {
+        text = rest;
+    }
+    while let [rest @ .., last] = text
+        && blank(last)
+    {
+        text = rest;
+    }
+    text
+}
+
+fn write_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// A JSON string, escaped as serde_json escapes: `"`, `\` and control
+/// characters only (`\b \t \n \f \r`, else `\u00XX`); everything else as is.
+fn write_str(out: &mut Vec<u8>, text: &[u8]) -> Result<(), ()> {
+    if std::str::from_utf8(text).is_err() {
+        return Err(());
+    }
+    out.push(b'"');
+    if text.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.extend_from_slice(text);
+    } else {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for &b in text {
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                0x08 => out.extend_from_slice(b"\\b"),
+                0x0c => out.extend_from_slice(b"\\f"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                0..0x20 => out.extend_from_slice(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(b >> 4)],
+                    HEX[usize::from(b & 0xf)],
+                ]),
+                _ => out.push(b),
+            }
+        }
+    }
+    out.push(b'"');
+    Ok(())
+}
+
+/// `received_at` as chrono serializes it (RFC 3339, `Z`, the fraction in
+/// groups of three digits, none when zero). The stored form
+/// (`2024-01-01T00:00:00.123000000Z`) is rewritten without parsing;
+/// anything else is parsed and formatted by chrono itself.
+fn write_time(out: &mut Vec<u8>, e: &RawEvent<'_>) -> Result<(), Unreadable> {
+    if let Some((seconds, fraction)) = canonical_time(e.received_at) {
+        out.extend_from_slice(seconds);
+        let digits = if fraction == b"000000000" {
+            0
+        } else if fraction.ends_with(b"000000") {
+            3
+        } else if fraction.ends_with(b"000") {
+            6
+        } else {
+            9
+        };
+        if digits > 0 {
+            out.push(b'.');
+            out.extend_from_slice(&fraction[..digits]);
+        }
+        out.push(b'Z');
+    } else {
+        let t = parse_received_at(e)?;
+        out.extend_from_slice(
+            t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                .as_bytes(),
+        );
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`: the seconds part and the nine digits.
+fn canonical_time(text: &[u8]) -> Option<(&[u8], &[u8])> {
+    const SHAPE: &[u8; 30] = b"0000-00-00T00:00:00.000000000Z";
+    if text.len() != SHAPE.len() {
+        return None;
+    }
+    let shaped = text.iter().zip(SHAPE).all(|(b, s)| {
+        if *s == b'0' {
+            b.is_ascii_digit()
+        } else {
+            b == s
+        }
+    });
+    shaped.then(|| (&text[..19], &text[20..29]))
+}
+
+fn parse_received_at(e: &RawEvent<'_>) -> Result<DateTime<Utc>, Unreadable> {
+    std::str::from_utf8(e.received_at)
+        .ok()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .ok_or(Unreadable {
+            position: e.position,
+            reason: "received_at is not an RFC 3339 time",
+        })
+}
+
 /// Makes a serialized event one line: the recorded data keeps the delivery
-/// as it was sent, line breaks between its tokens included. JSON strings
-/// cannot hold a raw line break, so every one is such whitespace, and a
-/// space means the same.
+/// as it was sent, line breaks between its tokens included.
 fn one_line(json: &mut [u8]) {
     for b in json.iter_mut() {
         if *b == b'\n' || *b == b'\r' {
             *b = b' ';
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use chrono::TimeZone as _;
+    use tracker_store::EventMetadata;
+
+    fn recorded(position: u64, nanos: u32, text: &str, data: &str) -> RecordedEvent {
+        RecordedEvent {
+            id: uuid::Uuid::from_u128(
+                0x0123_4567_89ab_cdef_0123_4567_89ab_cdef + u128::from(position),
+            ),
+            stream: format!("learner-7-{text}"),
+            revision: position.wrapping_mul(3),
+            position,
+            event_type: text.to_owned(),
+            schema_version: u32::MAX,
+            data: data.to_owned(),
+            metadata: EventMetadata {
+                received_at: Utc
+                    .timestamp_opt(1_700_000_000 + position as i64, nanos)
+                    .unwrap(),
+                source_id: text.to_owned(),
+                request_id: format!("{text}-{position}"),
+                content_hash: "sha256:00ff".into(),
+            },
+        }
+    }
+
+    /// What a page's item serializes to, made one line as the export did
+    /// before it wrote lines itself.
+    fn reference(e: &RecordedEvent) -> Vec<u8> {
+        let mut out = serde_json::to_vec(&dto::Event::try_from(e.clone()).unwrap()).unwrap();
+        one_line(&mut out);
+        out.push(b'\n');
+        out
+    }
+
+    fn written(e: &RecordedEvent) -> Vec<u8> {
+        let mut raw = RawEvents::default();
+        raw.push_recorded(e);
+        let mut out = Vec::new();
+        write_line(&mut out, &raw.get(0).unwrap()).unwrap();
+        out
+    }
+
+    #[test]
+    fn lines_are_byte_for_byte_the_serialized_event() {
+        let every_control: String = (0u8..0x20).map(char::from).collect();
+        let texts = [
+            "plain".to_owned(),
+            "Jo\u{e3}o \"quoted\" back\\slash \u{1F600} del\u{7f}".to_owned(),
+            every_control,
+            String::new(),
+        ];
+        let datas = [
+            r#"{"a":1}"#,
+            "{\n  \"delivery\": {\"name\": \"S\u{e3}o Paulo\\n\", \"x\": [1, 2.50, -0]},\r\n  \"t\": \"\\u00e9\"\n}",
+            "  \n {\"padded\": true} \r\n",
+            "[]",
+        ];
+        let mut position = 0;
+        for nanos in [0, 5_000_000, 123_456_000, 7, 999_999_999] {
+            for text in &texts {
+                for data in datas {
+                    position += 1;
+                    let e = recorded(position, nanos, text, data);
+                    let line = written(&e);
+                    assert_eq!(
+                        String::from_utf8_lossy(&line),
+                        String::from_utf8_lossy(&reference(&e))
+                    );
+                    assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+                }
+            }
+        }
+        let big = recorded(u64::MAX, 1, "x", "{}");
+        assert_eq!(written(&big), reference(&big));
+    }
+
+    #[test]
+    fn times_not_in_the_stored_form_are_formatted_by_chrono() {
+        let e = recorded(1, 120_000_000, "x", "{}");
+        let mut raw = RawEvents::default();
+        for received_at in [
+            "2023-11-14T22:13:21.12Z",
+            "2023-11-14T19:13:21.120-03:00",
+            "2023-11-14T22:13:21.120000000+00:00",
+        ] {
+            raw.clear();
+            let stored = raw_with_time(&e, received_at);
+            raw.push(&stored);
+            let mut out = Vec::new();
+            write_line(&mut out, &raw.get(0).unwrap()).unwrap();
+            assert_eq!(out, reference(&e), "{received_at}");
+        }
+        raw.clear();
+        raw.push(&raw_with_time(&e, "yesterday"));
+        let err = write_line(&mut Vec::new(), &raw.get(0).unwrap()).unwrap_err();
+        assert_eq!(err.position, 1);
+    }
+
+    fn raw_with_time<'a>(e: &'a RecordedEvent, received_at: &'a str) -> RawEvent<'a> {
+        RawEvent {
+            position: e.position,
+            id: e.id,
+            stream: e.stream.as_bytes(),
+            revision: e.revision,
+            event_type: e.event_type.as_bytes(),
+            schema_version: e.schema_version,
+            data: e.data.as_bytes(),
+            received_at: received_at.as_bytes(),
+            source_id: e.metadata.source_id.as_bytes(),
+            request_id: e.metadata.request_id.as_bytes(),
+            content_hash: e.metadata.content_hash.as_bytes(),
+        }
+    }
+
+    #[test]
+    fn unreadable_events_are_refused_not_written() {
+        let e = recorded(9, 0, "x", "{}");
+        for (field, bytes) in [
+            ("data", &b"  "[..]),
+            ("data", b"{\"\xff\"}"),
+            ("stream", b"\xc3"),
+        ] {
+            let mut raw_event = raw_with_time(&e, "2023-11-14T22:13:29.000000000Z");
+            match field {
+                "data" => raw_event.data = bytes,
+                _ => raw_event.stream = bytes,
+            }
+            let mut raw = RawEvents::default();
+            raw.push(&raw_event);
+            let err = write_line(&mut Vec::new(), &raw.get(0).unwrap()).unwrap_err();
+            assert_eq!(err.position, 9);
+            assert!(err.reason.starts_with(field), "{}", err.reason);
+        }
+    }
+
+    #[test]
+    fn the_filter_keeps_the_institution_positions_and_times() {
+        let institution = Filter {
+            streams: Streams::Institution {
+                learner_prefix: "learner-7-".into(),
+                institution_stream: "institution-7".into(),
+            },
+            from_position: 2,
+            to_position: 50,
+            from: Some(Utc.timestamp_opt(1_700_000_003, 0).unwrap()),
+            to: Some(Utc.timestamp_opt(1_700_000_040, 0).unwrap()),
+        };
+        let mut raw = RawEvents::default();
+        let mut expected = Vec::new();
+        for (position, stream) in [
+            (1, "learner-7-1"),
+            (3, "learner-7-1"),
+            (4, "learner-70-1"),
+            (5, "institution-7"),
+            (6, "institution-70"),
+            (40, "learner-7-2"),
+            (45, "learner-7-2"),
+        ] {
+            let mut e = recorded(position, 0, "x", "{}");
+            e.stream = stream.into();
+            raw.push_recorded(&e);
+            expected.push(institution.matches(&e));
+        }
+        let kept: Vec<bool> = raw
+            .iter()
+            .map(|e| institution.matches_raw(&e).unwrap())
+            .collect();
+        assert_eq!(kept, expected);
+        assert_eq!(kept, [false, true, false, true, false, false, false]);
+        let encoded = encode_chunk(&institution, &raw).unwrap();
+        assert_eq!(encoded.lines, 2);
+        assert!(!encoded.past_end);
+        let short = Filter {
+            to_position: 4,
+            ..institution
+        };
+        let encoded = encode_chunk(&short, &raw).unwrap();
+        assert_eq!((encoded.lines, encoded.past_end), (1, true));
     }
 }

@@ -460,6 +460,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::scope("/v1")
             .wrap(from_fn(request_context))
+            .service(get("/events", events::log_events))
             .default_service(web::to(no_such_endpoint)),
     );
 }

@@ -15,9 +15,9 @@ use super::{dto, events, models};
     info(
         title = "Learning-progress tracker: query API",
         version = "1",
-        description = "Read models (summary, trails, courses, learners, completions, activity) and the raw event log of one institution at a time.
+        description = "Read models (summary, trails, courses, learners, completions, activity) and the raw event log of one institution at a time, and the whole event log for operators.
 
-Every `/v1` request needs `Authorization: Bearer <key>`; a key only reads the institutions it holds (403 otherwise, before anything is read).
+Every `/v1` request needs `Authorization: Bearer <key>`; a key only reads the institutions it holds (403 otherwise, before anything is read). The whole log (`/v1/events`) needs a key that holds every institution.
 
 Read-model answers carry `X-Consistent-Through`: every event up to that log position is reflected. `min_position` (e.g. a webhook answer's `position`) waits up to `wait_ms` for the read model to reach it, else 503 `not_caught_up` with the position reached.
 
@@ -35,6 +35,7 @@ Errors: `{\"error\": {\"code\", \"message\", \"field\"}}`. An institution with n
         models::learner,
         models::completions,
         models::activity,
+        events::log_events,
         events::institution_events,
         events::learner_events,
     ),
