@@ -1,5 +1,9 @@
 //! The projection runner: reads the log from a checkpoint, batches, applies,
-//! retries, and follows the live log. A projection only says what it wants
+//! retries, and follows the live log. While behind it reads `batch_size`
+//! events per read and applies each read in one transaction (a catch-up, or
+//! a burst larger than the projection keeps up with, costs one commit per
+//! `batch_size` events); once a read comes back short it follows the
+//! subscription and applies whatever arrived since the last batch. A projection only says what it wants
 //! ([`Completion::EVENT_TYPES`]) and how to apply a batch (the read store's
 //! `apply`, driven by [`crate::plan`]).
 //!
@@ -14,13 +18,17 @@ use std::time::Duration;
 use chrono::Utc;
 use futures::{FutureExt as _, StreamExt as _};
 use tokio::sync::watch;
-use tracker_store::{EventStore, Position, RecordedEvent};
+use tracker_store::{EventStore, Position, ReadAll, RecordedEvent};
 
 use crate::model::Completion;
 use crate::plan::ProjectionKind;
 use crate::readstore::{
     ApplyBatch, CheckpointKey, DeadLetter, LeaseHolder, Partition, ReadStore, ReadStoreError,
 };
+
+/// A live batch at least this large (or `batch_size`, if smaller) means the
+/// log is ahead of the projection: it goes back to reading whole batches.
+const FALLING_BEHIND: usize = 256;
 
 /// What to do with an event that cannot be applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -110,6 +118,10 @@ impl Runner {
 
     pub fn key(&self) -> CheckpointKey {
         self.key
+    }
+
+    fn batch_size(&self) -> usize {
+        self.config.batch_size.max(1)
     }
 
     /// Runs until `shutdown` turns true (returns Ok) or `--on-error stop`
@@ -203,50 +215,108 @@ impl Runner {
             }
         }
         tracing::info!(key = %self.key, generation = %self.read.generation(), checkpoint, "projecting");
-        let mut subscription = self.events.subscribe_all(checkpoint + 1);
         let renew_every = self
             .config
             .lease
             .as_ref()
             .map(|(_, ttl)| *ttl / 3)
             .unwrap_or(Duration::from_secs(3600));
+        let mut next = checkpoint + 1;
         loop {
-            // Wait for the first event, renewing the lease while idle.
-            let first = tokio::select! {
-                _ = shutdown.changed() => return Ok(Step::Stop),
-                item = subscription.next() => item,
-                _ = tokio::time::sleep(renew_every) => {
-                    if !self.renew_lease().await || self.generation_moved().await {
-                        return Ok(Step::Restart);
+            // Behind: read the log in batches of `batch_size`, one
+            // transaction each, until a read comes back short.
+            loop {
+                if *shutdown.borrow() {
+                    return Ok(Step::Stop);
+                }
+                let events = match self
+                    .events
+                    .read_all(ReadAll {
+                        from: next,
+                        limit: self.batch_size(),
+                    })
+                    .await
+                {
+                    Ok(events) => events,
+                    Err(e) => {
+                        tracing::warn!(key = %self.key, error = %e, "reading the event log");
+                        return Ok(self.pause(shutdown, backoff.next()).await);
                     }
-                    continue;
+                };
+                let full = events.len() >= self.batch_size();
+                if let Some(last) = events.last() {
+                    next = last.position + 1;
                 }
-            };
-            let mut events = Vec::with_capacity(64);
-            match first {
-                None => return Ok(Step::Stop),
-                Some(Err(e)) => {
-                    tracing::warn!(key = %self.key, error = %e, "event subscription failed");
-                    return Ok(self.pause(shutdown, backoff.next()).await);
+                if let Err(step) = self.apply_or_step(events, shutdown, backoff).await? {
+                    return Ok(step);
                 }
-                Some(Ok(e)) => events.push(e),
-            }
-            // Take whatever else is ready, without waiting: large batches
-            // while catching up, small ones (low latency) when live.
-            while events.len() < self.config.batch_size {
-                match subscription.next().now_or_never() {
-                    Some(Some(Ok(e))) => events.push(e),
-                    _ => break,
+                if !full {
+                    break;
                 }
             }
-            match self.apply(events).await {
-                Ok(()) => backoff.reset(),
-                Err(Applied::Restart) => return Ok(Step::Restart),
-                Err(Applied::Halt(e)) => return Err(e),
-                Err(Applied::Retry(e)) => {
-                    tracing::warn!(key = %self.key, error = %e, "applying a batch failed; retrying from the checkpoint");
-                    return Ok(self.pause(shutdown, backoff.next()).await);
+            // Caught up: follow the subscription, applying whatever has
+            // arrived since the last batch.
+            let mut subscription = self.events.subscribe_all(next);
+            loop {
+                let first = tokio::select! {
+                    _ = shutdown.changed() => return Ok(Step::Stop),
+                    item = subscription.next() => item,
+                    _ = tokio::time::sleep(renew_every) => {
+                        if !self.renew_lease().await || self.generation_moved().await {
+                            return Ok(Step::Restart);
+                        }
+                        continue;
+                    }
+                };
+                let mut events = Vec::with_capacity(64);
+                match first {
+                    None => return Ok(Step::Stop),
+                    Some(Err(e)) => {
+                        tracing::warn!(key = %self.key, error = %e, "event subscription failed");
+                        return Ok(self.pause(shutdown, backoff.next()).await);
+                    }
+                    Some(Ok(e)) => events.push(e),
                 }
+                while events.len() < self.batch_size() {
+                    match subscription.next().now_or_never() {
+                        Some(Some(Ok(e))) => events.push(e),
+                        _ => break,
+                    }
+                }
+                // This many at once means the log is running ahead: go
+                // back to reading whole batches.
+                let behind = events.len() >= self.batch_size().min(FALLING_BEHIND);
+                if let Some(last) = events.last() {
+                    next = last.position + 1;
+                }
+                if let Err(step) = self.apply_or_step(events, shutdown, backoff).await? {
+                    return Ok(step);
+                }
+                if behind {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Applies a batch; `Ok(Err(step))` when the session must end with
+    /// `step` (restart, or a pause before retrying from the checkpoint).
+    async fn apply_or_step(
+        &self,
+        events: Vec<RecordedEvent>,
+        shutdown: &mut watch::Receiver<bool>,
+        backoff: &mut Backoff,
+    ) -> Result<Result<(), Step>, RunnerError> {
+        match self.apply(events).await {
+            Ok(()) => {
+                backoff.reset();
+                Ok(Ok(()))
+            }
+            Err(Applied::Restart) => Ok(Err(Step::Restart)),
+            Err(Applied::Halt(e)) => Err(e),
+            Err(Applied::Retry(e)) => {
+                tracing::warn!(key = %self.key, error = %e, "applying a batch failed; retrying from the checkpoint");
+                Ok(Err(self.pause(shutdown, backoff.next()).await))
             }
         }
     }

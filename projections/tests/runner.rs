@@ -1,0 +1,174 @@
+//! How the runner batches: behind, one transaction per `batch_size` events
+//! read from the log; caught up, whatever arrived since the last batch.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use tokio::sync::watch;
+use tracker_domain::{SourceTimeZone, parse_delivery};
+use tracker_projections::readstore::{ApplyBatch, DeadLetter, FinalLoad, LeaseHolder, Snapshot};
+use tracker_projections::runner::{Runner, RunnerConfig};
+use tracker_projections::sqlite::SqliteReadStore;
+use tracker_projections::{CheckpointKey, Completion, ProjectionKind, ReadStore, ReadStoreError};
+use tracker_store::sqlite::SqliteEventStore;
+use tracker_store::{EventMetadata, EventStore, ExpectedRevision, NewEvent, Position};
+
+/// A read store that remembers the `through` of every batch applied.
+#[derive(Debug, Clone)]
+struct Recording {
+    inner: SqliteReadStore,
+    applied: Arc<Mutex<Vec<Position>>>,
+}
+
+#[async_trait]
+impl ReadStore for Recording {
+    fn generation(&self) -> String {
+        self.inner.generation()
+    }
+    async fn checkpoint(&self, key: CheckpointKey) -> Result<Position, ReadStoreError> {
+        self.inner.checkpoint(key).await
+    }
+    async fn apply(&self, batch: ApplyBatch) -> Result<(), ReadStoreError> {
+        let through = batch.through;
+        self.inner.apply(batch).await?;
+        self.applied.lock().unwrap().push(through);
+        Ok(())
+    }
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<bool, ReadStoreError> {
+        self.inner.acquire_lease(name, holder, ttl).await
+    }
+    async fn release_lease(&self, name: &str, holder: &LeaseHolder) -> Result<(), ReadStoreError> {
+        self.inner.release_lease(name, holder).await
+    }
+    async fn live_leases(&self) -> Result<Vec<String>, ReadStoreError> {
+        self.inner.live_leases().await
+    }
+    async fn checkpoints(&self) -> Result<Vec<(String, Position)>, ReadStoreError> {
+        self.inner.checkpoints().await
+    }
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, ReadStoreError> {
+        self.inner.dead_letters(limit).await
+    }
+    async fn dead_letter_count(&self) -> Result<u64, ReadStoreError> {
+        self.inner.dead_letter_count().await
+    }
+    async fn snapshot(&self) -> Result<Snapshot, ReadStoreError> {
+        self.inner.snapshot().await
+    }
+    async fn follow_current(&self) -> Result<bool, ReadStoreError> {
+        self.inner.follow_current().await
+    }
+    async fn create_generation(&self) -> Result<Box<dyn ReadStore>, ReadStoreError> {
+        self.inner.create_generation().await
+    }
+    async fn switch_to(&self, generation: &str) -> Result<(), ReadStoreError> {
+        self.inner.switch_to(generation).await
+    }
+    async fn load_completions(&self, rows: Vec<Completion>) -> Result<(), ReadStoreError> {
+        self.inner.load_completions(rows).await
+    }
+    async fn load_final(&self, load: FinalLoad) -> Result<(), ReadStoreError> {
+        self.inner.load_final(load).await
+    }
+}
+
+fn event(n: u64) -> (String, NewEvent) {
+    let body = serde_json::json!({
+        "event": {"slug": "activities.trail.completed", "send_at": "2024-03-01 10:00:00"},
+        "data": {
+            "institution": {"id": 1 + n % 7},
+            "user": {"id": n + 1, "name": "Ana", "email": "ana@example.edu.br"},
+            "trail": {"id": 1 + n % 3, "name": "Trilha", "finished_at": "2024-03-01 10:00:00",
+                "courses": [{"id": 1, "title": "Curso"}]}
+        }
+    })
+    .to_string();
+    let zone = SourceTimeZone::default();
+    let parsed = parse_delivery(body.as_bytes(), &zone).unwrap();
+    (
+        parsed.stream(),
+        NewEvent {
+            id: parsed.event_id(),
+            event_type: parsed.event_type().to_owned(),
+            schema_version: parsed.schema_version(),
+            data: parsed.event_data(&zone).unwrap(),
+            metadata: EventMetadata {
+                received_at: Utc::now(),
+                source_id: "test".into(),
+                request_id: "r".into(),
+                content_hash: parsed.content_hash.clone(),
+            },
+        },
+    )
+}
+
+/// Appends concurrently (group commits), so positions follow completion
+/// order rather than `n`; the test only counts them.
+async fn append(events: &dyn EventStore, range: std::ops::Range<u64>) {
+    let appends = range.map(|n| async move {
+        let (stream, e) = event(n);
+        events
+            .append(&stream, ExpectedRevision::Any, vec![e])
+            .await
+            .unwrap();
+    });
+    futures::future::join_all(appends).await;
+}
+
+async fn wait_for(applied: &Mutex<Vec<Position>>, position: Position) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while applied.lock().unwrap().last().copied().unwrap_or(0) < position {
+        assert!(Instant::now() < deadline, "not applied up to {position}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_behind_applies_whole_batches_then_follows_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let events: Arc<dyn EventStore> =
+        Arc::new(SqliteEventStore::open(dir.path().join("events.sqlite")).unwrap());
+    let read = Recording {
+        inner: SqliteReadStore::open(dir.path().join("readmodels")).unwrap(),
+        applied: Arc::default(),
+    };
+    append(events.as_ref(), 0..2_500).await;
+
+    let config = RunnerConfig {
+        batch_size: 1_000,
+        ..RunnerConfig::default()
+    };
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(
+        Runner::new(
+            Arc::clone(&events),
+            Arc::new(read.clone()),
+            ProjectionKind::Learners,
+            config,
+        )
+        .run(stopped),
+    );
+    wait_for(&read.applied, 2_500).await;
+    // The subscription would hand over its own read size (512 for the
+    // embedded store); the catch-up reads `batch_size` at a time.
+    assert_eq!(*read.applied.lock().unwrap(), vec![1_000, 2_000, 2_500]);
+
+    // Caught up: a live append is applied on its own, without waiting for
+    // a batch to fill.
+    append(events.as_ref(), 2_500..2_501).await;
+    wait_for(&read.applied, 2_501).await;
+    assert_eq!(read.applied.lock().unwrap().last(), Some(&2_501));
+
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let key = CheckpointKey::whole(ProjectionKind::Learners);
+    assert_eq!(read.checkpoint(key).await.unwrap(), 2_501);
+}
