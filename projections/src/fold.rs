@@ -7,15 +7,13 @@
 //! so each read-model row is written once, at the end, in key order, instead
 //! of being upserted by every batch that touches it.
 //!
-//! Completion rows (one per event, most of the volume) are not kept: `add`
-//! hands them back for the caller to write as it goes.
-
-use std::collections::HashSet;
+//! Completion rows (one per event, most of the volume) are not kept: the
+//! caller writes them from the batches as it goes ([`Fold::writes_rows`]).
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::model::Completion;
-use crate::plan::{MembershipKeys, Plan, ProjectionKind, membership_keys, plan};
+use crate::plan::{Key, MembershipKeys, Plan, ProjectionKind, each_key, plan_rows};
 
 /// Every membership key of a fold, sorted in the tables' primary-key order
 /// (text in byte order, as SQLite's `BINARY` and PostgreSQL's `"C"`).
@@ -73,38 +71,38 @@ struct Seen {
     day_index: FxHashMap<String, u32>,
 }
 
-/// Keeps the keys of `batch` that `seen` did not have, recording them.
-fn record<K: Copy + Eq + std::hash::Hash>(
-    seen: &mut FxHashSet<K>,
-    batch: HashSet<K>,
-) -> HashSet<K> {
-    batch.into_iter().filter(|k| seen.insert(*k)).collect()
-}
-
 impl Seen {
-    fn record(&mut self, keys: MembershipKeys) -> MembershipKeys {
-        let mut day_learners = HashSet::new();
-        for (i, day, u) in keys.day_learners {
-            let next = u32::try_from(self.day_index.len()).unwrap_or(u32::MAX);
-            let d = match self.day_index.get(&day) {
-                Some(d) => *d,
-                None => {
-                    self.day_index.insert(day.clone(), next);
-                    next
-                }
-            };
-            if self.day_learners.insert((i, d, u)) {
-                day_learners.insert((i, day, u));
+    /// Records the keys of `batch`; returns those not seen before.
+    fn record(&mut self, kind: ProjectionKind, batch: &[Completion]) -> MembershipKeys {
+        let mut new = MembershipKeys::default();
+        each_key(kind, batch, |key| {
+            if self.insert(key) {
+                new.insert(key);
             }
-        }
-        MembershipKeys {
-            institution_learners: record(&mut self.institution_learners, keys.institution_learners),
-            institution_trails: record(&mut self.institution_trails, keys.institution_trails),
-            institution_courses: record(&mut self.institution_courses, keys.institution_courses),
-            trail_learners: record(&mut self.trail_learners, keys.trail_learners),
-            course_learners: record(&mut self.course_learners, keys.course_learners),
-            trail_courses: record(&mut self.trail_courses, keys.trail_courses),
-            day_learners,
+        });
+        new
+    }
+
+    /// Whether `key` is new.
+    fn insert(&mut self, key: Key<'_>) -> bool {
+        match key {
+            Key::InstitutionLearner(i, u) => self.institution_learners.insert((i, u)),
+            Key::InstitutionTrail(i, t) => self.institution_trails.insert((i, t)),
+            Key::InstitutionCourse(i, c) => self.institution_courses.insert((i, c)),
+            Key::TrailLearner(i, t, u) => self.trail_learners.insert((i, t, u)),
+            Key::CourseLearner(i, c, u) => self.course_learners.insert((i, c, u)),
+            Key::TrailCourse(i, t, c) => self.trail_courses.insert((i, t, c)),
+            Key::DayLearner(i, day, u) => {
+                let d = match self.day_index.get(day) {
+                    Some(d) => *d,
+                    None => {
+                        let d = u32::try_from(self.day_index.len()).unwrap_or(u32::MAX);
+                        self.day_index.insert(day.to_owned(), d);
+                        d
+                    }
+                };
+                self.day_learners.insert((i, d, u))
+            }
         }
     }
 
@@ -163,19 +161,21 @@ impl Fold {
         self.kind
     }
 
-    /// Folds the next batch (every position above the previous batch's) and
-    /// returns its completion rows (learners projection; none for the
-    /// institutions projection), to be written now rather than kept.
-    pub fn add(&mut self, batch: &[Completion]) -> Vec<Completion> {
-        let new = self.seen.record(membership_keys(self.kind, batch));
-        let mut p = plan(self.kind, batch, &new);
-        let completions = std::mem::take(&mut p.completions);
-        self.plan.merge(p);
-        completions
+    /// Whether this projection has one row per completion (the learners
+    /// projection), which the fold does not keep: the caller writes each
+    /// batch's completions as they are, in position order.
+    pub fn writes_rows(&self) -> bool {
+        self.kind == ProjectionKind::Learners
     }
 
-    /// The merged plan (without completion rows, which `add` handed out)
-    /// and every membership key, both in key order.
+    /// Folds the next batch (every position above the previous batch's).
+    pub fn add(&mut self, batch: &[Completion]) {
+        let new = self.seen.record(self.kind, batch);
+        self.plan.merge(plan_rows(self.kind, batch, &new, false));
+    }
+
+    /// The merged plan (without completion rows) and every membership key,
+    /// both in key order.
     pub fn finish(self) -> (Plan, Membership) {
         let mut plan = self.plan;
         plan.trail_courses.sort_unstable();
@@ -190,6 +190,7 @@ mod tests {
 
     use super::*;
     use crate::model::tests::completion;
+    use crate::plan::{membership_keys, plan};
 
     fn batch_strategy() -> impl Strategy<Value = Vec<Completion>> {
         proptest::collection::vec(
@@ -220,10 +221,14 @@ mod tests {
         })
     }
 
+    fn fold_rows(kind: ProjectionKind) -> bool {
+        Fold::new(kind).writes_rows()
+    }
+
     proptest! {
         /// Folding the batches one by one gives the plan of all of them as
-        /// one batch into an empty store (every key new), and exactly its
-        /// keys; the completion rows come out in order.
+        /// one batch into an empty store (every key new), but for the
+        /// completion rows, and exactly its keys.
         #[test]
         fn folding_any_split_equals_one_plan(events in batch_strategy(), cuts in proptest::collection::vec(0usize..60, 0..6)) {
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(events.len())).collect();
@@ -232,14 +237,14 @@ mod tests {
             cuts.sort_unstable();
             for kind in ProjectionKind::ALL {
                 let mut fold = Fold::new(kind);
-                let mut rows = Vec::new();
                 for w in cuts.windows(2) {
-                    rows.extend(fold.add(&events[w[0]..w[1]]));
+                    fold.add(&events[w[0]..w[1]]);
                 }
+                prop_assert_eq!(fold.writes_rows(), kind == ProjectionKind::Learners);
                 let (folded, members) = fold.finish();
                 let all = membership_keys(kind, &events);
                 let mut whole = plan(kind, &events, &all);
-                prop_assert_eq!(&rows, &whole.completions);
+                prop_assert_eq!(whole.completions.len(), if fold_rows(kind) { events.len() } else { 0 });
                 whole.completions.clear();
                 prop_assert_eq!(&folded, &whole);
                 prop_assert_eq!(members.to_keys(), all);

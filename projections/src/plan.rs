@@ -77,28 +77,74 @@ impl MembershipKeys {
     }
 }
 
-/// The keys of `batch` that matter to `kind`.
-pub fn membership_keys(kind: ProjectionKind, batch: &[Completion]) -> MembershipKeys {
-    let mut keys = MembershipKeys::default();
+/// One membership key of a completion (see [`MembershipKeys`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key<'a> {
+    InstitutionLearner(u64, u64),
+    InstitutionTrail(u64, u64),
+    InstitutionCourse(u64, u64),
+    TrailLearner(u64, u64, u64),
+    CourseLearner(u64, u64, u64),
+    TrailCourse(u64, u64, u64),
+    DayLearner(u64, &'a str, u64),
+}
+
+/// Calls `f` with every key of `batch` that matters to `kind`, repeats
+/// included: the one definition of which keys a projection counts, for
+/// [`membership_keys`] and for the rebuild's fold.
+pub fn each_key<'a>(kind: ProjectionKind, batch: &'a [Completion], mut f: impl FnMut(Key<'a>)) {
     for c in batch {
         let (i, u, t) = (c.institution_id, c.user_id, c.trail_id);
         match kind {
             ProjectionKind::Institutions => {
-                keys.institution_learners.insert((i, u));
-                keys.institution_trails.insert((i, t));
-                keys.trail_learners.insert((i, t, u));
-                keys.day_learners.insert((i, c.day.clone(), u));
+                f(Key::InstitutionLearner(i, u));
+                f(Key::InstitutionTrail(i, t));
+                f(Key::TrailLearner(i, t, u));
+                f(Key::DayLearner(i, &c.day, u));
                 for course in &c.courses {
-                    keys.institution_courses.insert((i, course.id));
-                    keys.course_learners.insert((i, course.id, u));
-                    keys.trail_courses.insert((i, t, course.id));
+                    f(Key::InstitutionCourse(i, course.id));
+                    f(Key::CourseLearner(i, course.id, u));
+                    f(Key::TrailCourse(i, t, course.id));
                 }
             }
-            ProjectionKind::Learners => {
-                keys.trail_learners.insert((i, t, u));
+            ProjectionKind::Learners => f(Key::TrailLearner(i, t, u)),
+        }
+    }
+}
+
+impl MembershipKeys {
+    /// Adds `key` (owned).
+    pub fn insert(&mut self, key: Key<'_>) {
+        match key {
+            Key::InstitutionLearner(i, u) => {
+                self.institution_learners.insert((i, u));
+            }
+            Key::InstitutionTrail(i, t) => {
+                self.institution_trails.insert((i, t));
+            }
+            Key::InstitutionCourse(i, c) => {
+                self.institution_courses.insert((i, c));
+            }
+            Key::TrailLearner(i, t, u) => {
+                self.trail_learners.insert((i, t, u));
+            }
+            Key::CourseLearner(i, c, u) => {
+                self.course_learners.insert((i, c, u));
+            }
+            Key::TrailCourse(i, t, c) => {
+                self.trail_courses.insert((i, t, c));
+            }
+            Key::DayLearner(i, day, u) => {
+                self.day_learners.insert((i, day.to_owned(), u));
             }
         }
     }
+}
+
+/// The keys of `batch` that matter to `kind`.
+pub fn membership_keys(kind: ProjectionKind, batch: &[Completion]) -> MembershipKeys {
+    let mut keys = MembershipKeys::default();
+    each_key(kind, batch, |k| keys.insert(k));
     keys
 }
 
@@ -114,6 +160,33 @@ impl<T> Latest<T> {
     fn offer(&mut self, value: T, position: u64) {
         if position > self.position {
             self.value = value;
+            self.position = position;
+        }
+    }
+}
+
+impl Latest<String> {
+    /// [`Latest::offer`] of a borrowed name: copied only when it wins and
+    /// differs (names rarely change; positions always grow).
+    fn offer_str(&mut self, value: &str, position: u64) {
+        if position > self.position {
+            if self.value != value {
+                value.clone_into(&mut self.value);
+            }
+            self.position = position;
+        }
+    }
+}
+
+impl Latest<(String, String)> {
+    fn offer_pair(&mut self, a: &str, b: &str, position: u64) {
+        if position > self.position {
+            if self.value.0 != a {
+                a.clone_into(&mut self.value.0);
+            }
+            if self.value.1 != b {
+                b.clone_into(&mut self.value.1);
+            }
             self.position = position;
         }
     }
@@ -267,15 +340,27 @@ impl Plan {
 /// `new` must be the subset of `membership_keys(kind, batch)` that was not
 /// recorded before this batch.
 pub fn plan(kind: ProjectionKind, batch: &[Completion], new: &MembershipKeys) -> Plan {
+    plan_rows(kind, batch, new, true)
+}
+
+/// [`plan`], with completion rows only if `rows` (a rebuild writes them
+/// straight from the batch).
+pub(crate) fn plan_rows(
+    kind: ProjectionKind,
+    batch: &[Completion],
+    new: &MembershipKeys,
+    rows: bool,
+) -> Plan {
     let mut p = Plan::default();
     match kind {
         ProjectionKind::Institutions => plan_institutions(batch, new, &mut p),
-        ProjectionKind::Learners => plan_learners(batch, new, &mut p),
+        ProjectionKind::Learners => plan_learners(batch, new, &mut p, rows),
     }
     p
 }
 
 fn plan_institutions(batch: &[Completion], new: &MembershipKeys, p: &mut Plan) {
+    let mut days: BTreeMap<(u64, &str), DayDelta> = BTreeMap::new();
     for c in batch {
         let (i, t, at) = (c.institution_id, c.trail_id, c.finished_at);
         let s = p.summaries.entry(i).or_insert_with(|| SummaryDelta {
@@ -299,19 +384,24 @@ fn plan_institutions(batch: &[Completion], new: &MembershipKeys, p: &mut Plan) {
             new_learners: 0,
             span: Span::at(at),
         });
-        trail.name.offer(c.trail_name.clone(), c.position);
+        trail.name.offer_str(&c.trail_name, c.position);
         trail.completions += 1;
         trail.span.widen(at);
 
-        let day = p.days.entry((i, c.day.clone())).or_insert(DayDelta {
-            completions: 0,
-            new_learners: 0,
-        });
-        day.completions += 1;
+        // Borrowed keys while counting; owned once per row at the end.
+        days.entry((i, c.day.as_str()))
+            .or_insert(DayDelta {
+                completions: 0,
+                new_learners: 0,
+            })
+            .completions += 1;
 
-        // A course listed twice in one trail counts once for this completion.
-        let mut seen = HashSet::new();
-        for course in c.courses.iter().filter(|course| seen.insert(course.id)) {
+        // A course listed twice in one trail counts once for this completion
+        // (a trail lists a handful: a scan beats a set).
+        for (k, course) in c.courses.iter().enumerate() {
+            if c.courses[..k].iter().any(|earlier| earlier.id == course.id) {
+                continue;
+            }
             let d = p
                 .courses
                 .entry((i, course.id))
@@ -323,7 +413,7 @@ fn plan_institutions(batch: &[Completion], new: &MembershipKeys, p: &mut Plan) {
                     completions: 0,
                     new_learners: 0,
                 });
-            d.title.offer(course.title.clone(), c.position);
+            d.title.offer_str(&course.title, c.position);
             d.completions += 1;
         }
     }
@@ -353,15 +443,19 @@ fn plan_institutions(batch: &[Completion], new: &MembershipKeys, p: &mut Plan) {
         }
     }
     for (i, day, _) in &new.day_learners {
-        if let Some(d) = p.days.get_mut(&(*i, day.clone())) {
+        if let Some(d) = days.get_mut(&(*i, day.as_str())) {
             d.new_learners += 1;
         }
     }
+    p.days = days
+        .into_iter()
+        .map(|((i, day), d)| ((i, day.to_owned()), d))
+        .collect();
     p.trail_courses = new.trail_courses.iter().copied().collect();
     p.trail_courses.sort_unstable();
 }
 
-fn plan_learners(batch: &[Completion], new: &MembershipKeys, p: &mut Plan) {
+fn plan_learners(batch: &[Completion], new: &MembershipKeys, p: &mut Plan, rows: bool) {
     for c in batch {
         let (i, u, t, at) = (c.institution_id, c.user_id, c.trail_id, c.finished_at);
         let l = p.learners.entry((i, u)).or_insert_with(|| LearnerDelta {
@@ -374,7 +468,7 @@ fn plan_learners(batch: &[Completion], new: &MembershipKeys, p: &mut Plan) {
             span: Span::at(at),
         });
         l.profile
-            .offer((c.user_name.clone(), c.user_email.clone()), c.position);
+            .offer_pair(&c.user_name, &c.user_email, c.position);
         l.completions += 1;
         l.span.widen(at);
 
@@ -387,7 +481,9 @@ fn plan_learners(batch: &[Completion], new: &MembershipKeys, p: &mut Plan) {
             });
         lt.completions += 1;
         lt.span.widen(at);
-        p.completions.push(c.clone());
+        if rows {
+            p.completions.push(c.clone());
+        }
     }
     for (i, _, u) in &new.trail_learners {
         if let Some(l) = p.learners.get_mut(&(*i, *u)) {

@@ -186,16 +186,22 @@ async fn fold_projection(
                     recorded_at: chrono::Utc::now(),
                 }),
         );
-        let rows;
-        (fold, rows) = tokio::task::spawn_blocking(move || {
-            let rows = fold.add(&slice.completions);
-            (fold, rows)
-        })
-        .await
-        .map_err(|e| ReplayError::Task(e.to_string()))?;
-        if !rows.is_empty() {
-            target.load_completions(rows).await?;
-        }
+        // The rows of this slice are written while it is folded.
+        let rows = (fold.writes_rows() && !slice.completions.is_empty())
+            .then(|| slice.completions.clone());
+        let folding = tokio::task::spawn_blocking(move || {
+            fold.add(&slice.completions);
+            fold
+        });
+        let writing = async {
+            match rows {
+                Some(rows) => target.load_completions(rows).await,
+                None => Ok(()),
+            }
+        };
+        let (folded_fold, written) = tokio::join!(folding, writing);
+        fold = folded_fold.map_err(|e| ReplayError::Task(e.to_string()))?;
+        written?;
         if let Some(f) = folded.get(slot) {
             f.store(through, Ordering::Relaxed);
         }
@@ -238,22 +244,21 @@ async fn read_slices(events: Arc<dyn EventStore>, tx: mpsc::Sender<Result<Slice,
         let Some(through) = events.last().map(|e| e.position) else {
             return;
         };
-        let mut slice = Slice {
-            completions: Vec::with_capacity(events.len()),
-            undecodable: Vec::new(),
-            through,
-        };
+        let mut completions = Vec::with_capacity(events.len());
+        let mut undecodable = Vec::new();
         for event in events.iter().filter(|e| Completion::wants(e)) {
             match Completion::decode(event) {
-                Ok(c) => slice.completions.push(c),
-                Err(e) => slice.undecodable.push((
-                    event.position,
-                    event.id,
-                    event.event_type.clone(),
-                    e.0,
-                )),
+                Ok(c) => completions.push(c),
+                Err(e) => {
+                    undecodable.push((event.position, event.id, event.event_type.clone(), e.0))
+                }
             }
         }
+        let slice = Slice {
+            completions,
+            undecodable,
+            through,
+        };
         if tx.send(Ok(slice)).await.is_err() {
             return;
         }

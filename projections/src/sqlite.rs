@@ -742,7 +742,9 @@ fn write_completions(tx: &Transaction<'_>, rows: &[Completion]) -> Result<(), Re
     for c in rows {
         stmt.execute(params![
             sql_position(c.position)?,
-            c.event_id.to_string(),
+            &*c.event_id
+                .hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer()),
             sql_id(c.institution_id),
             sql_id(c.user_id),
             sql_id(c.trail_id),
@@ -858,12 +860,25 @@ fn load_final_blocking(conn: &mut Connection, load: FinalLoad) -> Result<(), Rea
 
 /// `[{"id":1,"title":"..."}]`, the same text on every backend.
 pub fn courses_json(c: &Completion) -> String {
-    let list: Vec<_> = c
-        .courses
-        .iter()
-        .map(|course| serde_json::json!({ "id": course.id, "title": course.title }))
-        .collect();
-    serde_json::Value::Array(list).to_string()
+    // Serialized straight from the completion (no `serde_json::Value` per
+    // course: this runs once per completion of a rebuild). Fields in the
+    // order a `json!` object prints them (sorted keys), so the text is the
+    // one stored before.
+    #[derive(serde::Serialize)]
+    struct Course<'a> {
+        id: u64,
+        title: &'a str,
+    }
+    struct Courses<'a>(&'a [crate::model::CourseRef]);
+    impl serde::Serialize for Courses<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.iter().map(|c| Course {
+                id: c.id,
+                title: &c.title,
+            }))
+        }
+    }
+    serde_json::to_string(&Courses(&c.courses)).unwrap_or_else(|_| String::from("[]"))
 }
 
 fn apply_blocking(
@@ -1183,6 +1198,9 @@ impl ReadStore for SqliteReadStore {
                     .map_err(storage)?;
                 conn.pragma_update(None, "cache_size", -262_144)
                     .map_err(storage)?;
+                // `seal` sorts every read index: let SQLite's sorter use a
+                // second core.
+                conn.pragma_update(None, "threads", 2).map_err(storage)?;
                 defer_secondary_indexes(&conn)?;
                 Ok::<_, ReadStoreError>(conn)
             }
@@ -1271,5 +1289,31 @@ impl ReadStore for SqliteReadStore {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::model::tests::completion;
+
+    /// The stored text of a completion's courses must not change with how it
+    /// is produced: it is compared across stores and rebuilds.
+    #[test]
+    fn courses_json_is_the_json_value_text() {
+        let mut c = completion(1, 1, 1, 1, "2024-01-01 10:00:00", &[3, u64::MAX, 3]);
+        c.courses[0].title = "Programação \"Funcional\" \\ ü\n\u{1}".into();
+        let expected: Vec<_> = c
+            .courses
+            .iter()
+            .map(|course| serde_json::json!({ "id": course.id, "title": course.title }))
+            .collect();
+        assert_eq!(
+            courses_json(&c),
+            serde_json::Value::Array(expected).to_string()
+        );
+        c.courses.clear();
+        assert_eq!(courses_json(&c), "[]");
     }
 }
