@@ -13,7 +13,7 @@
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::model::Completion;
-use crate::plan::{Key, MembershipKeys, Plan, ProjectionKind, each_key, plan_rows};
+use crate::plan::{Key, MembershipKeys, NewMembers, Plan, ProjectionKind, each_key, plan_rows};
 
 /// Every membership key of a fold, sorted in the tables' primary-key order
 /// (text in byte order, as SQLite's `BINARY` and PostgreSQL's `"C"`).
@@ -39,6 +39,36 @@ pub struct Membership {
 }
 
 impl Membership {
+    /// Every key, table by table, each in order.
+    pub fn keys(&self) -> impl Iterator<Item = Key<'_>> {
+        let il = self.institution_learners.iter();
+        let it = self.institution_trails.iter();
+        let ic = self.institution_courses.iter();
+        il.map(|&(i, u)| Key::InstitutionLearner(i, u))
+            .chain(it.map(|&(i, t)| Key::InstitutionTrail(i, t)))
+            .chain(ic.map(|&(i, c)| Key::InstitutionCourse(i, c)))
+            .chain(
+                self.trail_learners
+                    .iter()
+                    .map(|&(i, t, u)| Key::TrailLearner(i, t, u)),
+            )
+            .chain(
+                self.course_learners
+                    .iter()
+                    .map(|&(i, c, u)| Key::CourseLearner(i, c, u)),
+            )
+            .chain(
+                self.trail_courses
+                    .iter()
+                    .map(|&(i, t, c)| Key::TrailCourse(i, t, c)),
+            )
+            .chain(self.day_learners.iter().filter_map(|&(i, d, u)| {
+                self.days
+                    .get(d as usize)
+                    .map(|day| Key::DayLearner(i, day, u))
+            }))
+    }
+
     /// The same keys as [`MembershipKeys`] (for tests and comparisons).
     pub fn to_keys(&self) -> MembershipKeys {
         MembershipKeys {
@@ -57,41 +87,83 @@ impl Membership {
     }
 }
 
+/// Keys that recur a lot (one per completion or per course of one): kept
+/// as they come and sorted and deduplicated now and then, which costs far
+/// less than a hash-set probe per key into millions of entries.
+#[derive(Debug, Default)]
+struct Heap<K> {
+    keys: Vec<K>,
+    /// Length after the last dedup: the next one when it has doubled.
+    distinct: usize,
+}
+
+impl<K: Ord + Copy> Heap<K> {
+    fn push(&mut self, key: K) {
+        self.keys.push(key);
+    }
+
+    fn compact_if_doubled(&mut self) {
+        if self.keys.len() > 2 * self.distinct + 1_000_000 {
+            self.compact();
+        }
+    }
+
+    fn compact(&mut self) {
+        self.keys.sort_unstable();
+        self.keys.dedup();
+        self.distinct = self.keys.len();
+    }
+
+    fn into_sorted(mut self) -> Vec<K> {
+        self.compact();
+        self.keys
+    }
+}
+
+fn sorted<K: Ord>(set: FxHashSet<K>) -> Vec<K> {
+    let mut v: Vec<K> = set.into_iter().collect();
+    v.sort_unstable();
+    v
+}
+
 /// The keys seen so far. Days are interned (a few thousand distinct days
-/// against millions of (institution, day, learner) keys).
+/// against millions of (institution, day, learner) keys). Keys bounded by
+/// the catalogue (an institution's trails and courses) stay few: hash sets.
 #[derive(Debug, Default)]
 struct Seen {
-    institution_learners: FxHashSet<(u64, u64)>,
+    institution_learners: Heap<(u64, u64)>,
     institution_trails: FxHashSet<(u64, u64)>,
     institution_courses: FxHashSet<(u64, u64)>,
-    trail_learners: FxHashSet<(u64, u64, u64)>,
-    course_learners: FxHashSet<(u64, u64, u64)>,
+    trail_learners: Heap<(u64, u64, u64)>,
+    course_learners: Heap<(u64, u64, u64)>,
     trail_courses: FxHashSet<(u64, u64, u64)>,
-    day_learners: FxHashSet<(u64, u32, u64)>,
+    day_learners: Heap<(u64, u32, u64)>,
     day_index: FxHashMap<String, u32>,
 }
 
 impl Seen {
-    /// Records the keys of `batch`; returns those not seen before.
-    fn record(&mut self, kind: ProjectionKind, batch: &[Completion]) -> MembershipKeys {
-        let mut new = MembershipKeys::default();
-        each_key(kind, batch, |key| {
-            if self.insert(key) {
-                new.insert(key);
-            }
-        });
-        new
+    fn record(&mut self, kind: ProjectionKind, batch: &[Completion]) {
+        each_key(kind, batch, |key| self.insert(key));
+        self.institution_learners.compact_if_doubled();
+        self.trail_learners.compact_if_doubled();
+        self.course_learners.compact_if_doubled();
+        self.day_learners.compact_if_doubled();
     }
 
-    /// Whether `key` is new.
-    fn insert(&mut self, key: Key<'_>) -> bool {
+    fn insert(&mut self, key: Key<'_>) {
         match key {
-            Key::InstitutionLearner(i, u) => self.institution_learners.insert((i, u)),
-            Key::InstitutionTrail(i, t) => self.institution_trails.insert((i, t)),
-            Key::InstitutionCourse(i, c) => self.institution_courses.insert((i, c)),
-            Key::TrailLearner(i, t, u) => self.trail_learners.insert((i, t, u)),
-            Key::CourseLearner(i, c, u) => self.course_learners.insert((i, c, u)),
-            Key::TrailCourse(i, t, c) => self.trail_courses.insert((i, t, c)),
+            Key::InstitutionLearner(i, u) => self.institution_learners.push((i, u)),
+            Key::InstitutionTrail(i, t) => {
+                self.institution_trails.insert((i, t));
+            }
+            Key::InstitutionCourse(i, c) => {
+                self.institution_courses.insert((i, c));
+            }
+            Key::TrailLearner(i, t, u) => self.trail_learners.push((i, t, u)),
+            Key::CourseLearner(i, c, u) => self.course_learners.push((i, c, u)),
+            Key::TrailCourse(i, t, c) => {
+                self.trail_courses.insert((i, t, c));
+            }
             Key::DayLearner(i, day, u) => {
                 let d = match self.day_index.get(day) {
                     Some(d) => *d,
@@ -101,17 +173,12 @@ impl Seen {
                         d
                     }
                 };
-                self.day_learners.insert((i, d, u))
+                self.day_learners.push((i, d, u));
             }
         }
     }
 
     fn into_sorted(self) -> Membership {
-        fn sorted<K: Ord>(set: FxHashSet<K>) -> Vec<K> {
-            let mut v: Vec<K> = set.into_iter().collect();
-            v.sort_unstable();
-            v
-        }
         // Renumber days in sorted order, so that index order is day order.
         let mut days: Vec<(String, u32)> = self.day_index.into_iter().collect();
         days.sort_unstable();
@@ -121,20 +188,18 @@ impl Seen {
                 *slot = u32::try_from(new).unwrap_or(u32::MAX);
             }
         }
-        let mut day_learners: Vec<(u64, u32, u64)> = self
-            .day_learners
-            .into_iter()
-            .map(|(i, d, u)| (i, renumber.get(d as usize).copied().unwrap_or(d), u))
-            .collect();
-        day_learners.sort_unstable();
+        let mut day_learners = self.day_learners;
+        for key in &mut day_learners.keys {
+            key.1 = renumber.get(key.1 as usize).copied().unwrap_or(key.1);
+        }
         Membership {
-            institution_learners: sorted(self.institution_learners),
+            institution_learners: self.institution_learners.into_sorted(),
             institution_trails: sorted(self.institution_trails),
             institution_courses: sorted(self.institution_courses),
-            trail_learners: sorted(self.trail_learners),
-            course_learners: sorted(self.course_learners),
+            trail_learners: self.trail_learners.into_sorted(),
+            course_learners: self.course_learners.into_sorted(),
             trail_courses: sorted(self.trail_courses),
-            day_learners,
+            day_learners: day_learners.into_sorted(),
             days: days.into_iter().map(|(d, _)| d).collect(),
         }
     }
@@ -168,18 +233,31 @@ impl Fold {
         self.kind == ProjectionKind::Learners
     }
 
-    /// Folds the next batch (every position above the previous batch's).
+    /// Folds the next batch (every position above the previous batch's):
+    /// its counts now, with no key new; the distinct counts at `finish`,
+    /// from every key at once.
     pub fn add(&mut self, batch: &[Completion]) {
-        let new = self.seen.record(self.kind, batch);
-        self.plan.merge(plan_rows(self.kind, batch, &new, false));
+        self.seen.record(self.kind, batch);
+        self.plan.merge(plan_rows(
+            self.kind,
+            batch,
+            &MembershipKeys::default(),
+            false,
+        ));
     }
 
     /// The merged plan (without completion rows) and every membership key,
-    /// both in key order.
+    /// both in key order. Every key is new to the empty generation: each
+    /// adds to its distinct count, as in [`crate::plan::plan`].
     pub fn finish(self) -> (Plan, Membership) {
         let mut plan = self.plan;
+        let membership = self.seen.into_sorted();
+        let mut counter = NewMembers::default();
+        for key in membership.keys() {
+            counter.count(&mut plan, self.kind, key);
+        }
         plan.trail_courses.sort_unstable();
-        (plan, self.seen.into_sorted())
+        (plan, membership)
     }
 }
 

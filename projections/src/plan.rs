@@ -113,6 +113,30 @@ pub fn each_key<'a>(kind: ProjectionKind, batch: &'a [Completion], mut f: impl F
 }
 
 impl MembershipKeys {
+    /// Every key.
+    pub fn iter(&self) -> impl Iterator<Item = Key<'_>> {
+        let pairs = |set: &HashSet<(u64, u64)>, f: fn(u64, u64) -> Key<'static>| {
+            set.iter().map(move |&(a, b)| f(a, b)).collect::<Vec<_>>()
+        };
+        let triples = |set: &HashSet<(u64, u64, u64)>, f: fn(u64, u64, u64) -> Key<'static>| {
+            set.iter()
+                .map(move |&(a, b, c)| f(a, b, c))
+                .collect::<Vec<_>>()
+        };
+        pairs(&self.institution_learners, Key::InstitutionLearner)
+            .into_iter()
+            .chain(pairs(&self.institution_trails, Key::InstitutionTrail))
+            .chain(pairs(&self.institution_courses, Key::InstitutionCourse))
+            .chain(triples(&self.trail_learners, Key::TrailLearner))
+            .chain(triples(&self.course_learners, Key::CourseLearner))
+            .chain(triples(&self.trail_courses, Key::TrailCourse))
+            .chain(
+                self.day_learners
+                    .iter()
+                    .map(|(i, day, u)| Key::DayLearner(*i, day, *u)),
+            )
+    }
+
     /// Adds `key` (owned).
     pub fn insert(&mut self, key: Key<'_>) {
         match key {
@@ -417,42 +441,72 @@ fn plan_institutions(batch: &[Completion], new: &MembershipKeys, p: &mut Plan) {
             d.completions += 1;
         }
     }
-    for (i, _) in &new.institution_learners {
-        if let Some(s) = p.summaries.get_mut(i) {
-            s.new_learners += 1;
-        }
-    }
-    for (i, _) in &new.institution_trails {
-        if let Some(s) = p.summaries.get_mut(i) {
-            s.new_trails += 1;
-        }
-    }
-    for (i, _) in &new.institution_courses {
-        if let Some(s) = p.summaries.get_mut(i) {
-            s.new_courses += 1;
-        }
-    }
-    for (i, t, _) in &new.trail_learners {
-        if let Some(d) = p.trails.get_mut(&(*i, *t)) {
-            d.new_learners += 1;
-        }
-    }
-    for (i, course, _) in &new.course_learners {
-        if let Some(d) = p.courses.get_mut(&(*i, *course)) {
-            d.new_learners += 1;
-        }
-    }
-    for (i, day, _) in &new.day_learners {
-        if let Some(d) = days.get_mut(&(*i, day.as_str())) {
-            d.new_learners += 1;
-        }
-    }
     p.days = days
         .into_iter()
         .map(|((i, day), d)| ((i, day.to_owned()), d))
         .collect();
-    p.trail_courses = new.trail_courses.iter().copied().collect();
+    let mut counter = NewMembers::default();
+    for key in new.iter() {
+        counter.count(p, ProjectionKind::Institutions, key);
+    }
     p.trail_courses.sort_unstable();
+}
+
+/// What a new membership key adds to a plan: one to the distinct count it
+/// moves (a new link for `inst_trail_courses`). The plan must have the
+/// row of the key's group (it does when the key comes from its batch).
+#[derive(Debug, Default)]
+pub(crate) struct NewMembers {
+    /// Reused for day lookups (days are owned keys in the plan).
+    day: String,
+}
+
+impl NewMembers {
+    pub(crate) fn count(&mut self, p: &mut Plan, kind: ProjectionKind, key: Key<'_>) {
+        use ProjectionKind::{Institutions, Learners};
+        match (kind, key) {
+            (Institutions, Key::InstitutionLearner(i, _)) => {
+                if let Some(s) = p.summaries.get_mut(&i) {
+                    s.new_learners += 1;
+                }
+            }
+            (Institutions, Key::InstitutionTrail(i, _)) => {
+                if let Some(s) = p.summaries.get_mut(&i) {
+                    s.new_trails += 1;
+                }
+            }
+            (Institutions, Key::InstitutionCourse(i, _)) => {
+                if let Some(s) = p.summaries.get_mut(&i) {
+                    s.new_courses += 1;
+                }
+            }
+            (Institutions, Key::TrailLearner(i, t, _)) => {
+                if let Some(d) = p.trails.get_mut(&(i, t)) {
+                    d.new_learners += 1;
+                }
+            }
+            (Institutions, Key::CourseLearner(i, c, _)) => {
+                if let Some(d) = p.courses.get_mut(&(i, c)) {
+                    d.new_learners += 1;
+                }
+            }
+            (Institutions, Key::TrailCourse(i, t, c)) => p.trail_courses.push((i, t, c)),
+            (Institutions, Key::DayLearner(i, day, _)) => {
+                day.clone_into(&mut self.day);
+                let key = (i, std::mem::take(&mut self.day));
+                if let Some(d) = p.days.get_mut(&key) {
+                    d.new_learners += 1;
+                }
+                self.day = key.1;
+            }
+            (Learners, Key::TrailLearner(i, _, u)) => {
+                if let Some(l) = p.learners.get_mut(&(i, u)) {
+                    l.new_trails += 1;
+                }
+            }
+            (Learners, _) => {}
+        }
+    }
 }
 
 fn plan_learners(batch: &[Completion], new: &MembershipKeys, p: &mut Plan, rows: bool) {
@@ -485,10 +539,9 @@ fn plan_learners(batch: &[Completion], new: &MembershipKeys, p: &mut Plan, rows:
             p.completions.push(c.clone());
         }
     }
-    for (i, _, u) in &new.trail_learners {
-        if let Some(l) = p.learners.get_mut(&(*i, *u)) {
-            l.new_trails += 1;
-        }
+    let mut counter = NewMembers::default();
+    for key in new.iter() {
+        counter.count(p, ProjectionKind::Learners, key);
     }
 }
 
