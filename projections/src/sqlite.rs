@@ -1216,10 +1216,10 @@ impl ReadStore for SqliteReadStore {
     }
 
     async fn seal(&self) -> Result<(), ReadStoreError> {
-        self.with_conn(|conn, _| {
+        let dir = self.dir.clone();
+        self.with_conn(move |conn, generation| {
             restore_deferred_indexes(conn)?;
-            // Back to WAL and full durability; a checkpoint under
-            // synchronous=FULL fsyncs the database file.
+            // Back to WAL and full durability.
             conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
                 .map_err(storage)?;
             conn.pragma_update(None, "synchronous", "FULL")
@@ -1227,7 +1227,17 @@ impl ReadStore for SqliteReadStore {
             conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
                 .map_err(storage)?;
             conn.pragma_update(None, "synchronous", "NORMAL")
-                .map_err(storage)
+                .map_err(storage)?;
+            // Everything above was written without a journal or a sync, and
+            // a checkpoint of an empty WAL syncs nothing: flush the file and
+            // its directory entry before the pointer can name it.
+            let path = generation_path(&dir, generation);
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| storage(format!("syncing {}: {e}", path.display())))?;
+            std::fs::File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| storage(format!("syncing {}: {e}", dir.display())))
         })
         .await
     }
