@@ -265,6 +265,90 @@ pub struct SqliteReadStore {
     /// A handle that follows the current pointer (live projector, queries);
     /// a rebuild's handle stays on its own generation.
     follows_current: bool,
+    /// Checkpoints the current generation in the background; `None` when it
+    /// could not start (the projector's commits then checkpoint, as
+    /// SQLite does by default) and for a generation being built.
+    checkpointer: Option<Arc<Checkpointer>>,
+}
+
+/// Copies the current generation's WAL into its file every 100 ms from a
+/// thread and connection of its own (`PRAGMA wal_checkpoint(PASSIVE)`: it
+/// never waits for the projector or the readers), so that a projector's
+/// commit never stops to run a checkpoint. It follows the current pointer
+/// in `control.sqlite`, so a rebuild's switch moves it too. Stopped when
+/// the last handle is dropped.
+struct Checkpointer {
+    stop: std::sync::mpsc::Sender<()>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    const EVERY: Duration = Duration::from_millis(100);
+
+    fn start(dir: &Path) -> Result<Self, ReadStoreError> {
+        let control = Connection::open(dir.join("control.sqlite")).map_err(storage)?;
+        control.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
+        let dir = dir.to_path_buf();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let handle = std::thread::Builder::new()
+            .name("read-store-checkpointer".into())
+            .spawn(move || {
+                let mut target: Option<(String, Connection)> = None;
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(Self::EVERY)
+                {
+                    if let Err(e) = Self::checkpoint(&control, &dir, &mut target) {
+                        tracing::warn!(error = %e, "read store checkpoint failed");
+                        target = None;
+                    }
+                }
+            })
+            .map_err(|e| storage(format!("cannot start the read store checkpointer: {e}")))?;
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    fn checkpoint(
+        control: &Connection,
+        dir: &Path,
+        target: &mut Option<(String, Connection)>,
+    ) -> Result<(), ReadStoreError> {
+        let Some(current) = current_generation(control)? else {
+            return Ok(());
+        };
+        if target.as_ref().is_none_or(|(name, _)| *name != current) {
+            let conn = Connection::open(generation_path(dir, &current)).map_err(storage)?;
+            conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
+            *target = Some((current, conn));
+        }
+        if let Some((_, conn)) = target {
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                .map_err(storage)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Opens a generation for a handle that follows the current pointer: with
+/// a background checkpointer its commits leave checkpoints to it.
+fn open_live(path: &Path, checkpointer: bool) -> Result<Connection, ReadStoreError> {
+    let conn = open(path, GENERATION_MIGRATIONS)?;
+    if checkpointer {
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(storage)?;
+    }
+    Ok(conn)
 }
 
 impl std::fmt::Debug for SqliteReadStore {
@@ -300,12 +384,20 @@ impl SqliteReadStore {
             }
         };
         tx.commit().map_err(storage)?;
-        let conn = open(&generation_path(&dir, &generation), GENERATION_MIGRATIONS)?;
+        let checkpointer = match Checkpointer::start(&dir) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                tracing::warn!(error = %e, "read store: no background checkpointer; commits checkpoint");
+                None
+            }
+        };
+        let conn = open_live(&generation_path(&dir, &generation), checkpointer.is_some())?;
         Ok(Self {
             dir,
             state: Arc::new(Mutex::new(State { generation, conn })),
             control: Arc::new(Mutex::new(control)),
             follows_current: true,
+            checkpointer,
         })
     }
 
@@ -1157,8 +1249,9 @@ impl ReadStore for SqliteReadStore {
         }
         let path = generation_path(&self.dir, &current);
         let state = Arc::clone(&self.state);
+        let checkpointer = self.checkpointer.is_some();
         tokio::task::spawn_blocking(move || {
-            let conn = open(&path, GENERATION_MIGRATIONS)?;
+            let conn = open_live(&path, checkpointer)?;
             let mut guard = lock(&state)?;
             *guard = State {
                 generation: current,
@@ -1212,6 +1305,7 @@ impl ReadStore for SqliteReadStore {
             state: Arc::new(Mutex::new(State { generation, conn })),
             control,
             follows_current: false,
+            checkpointer: None,
         }))
     }
 

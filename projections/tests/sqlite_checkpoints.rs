@@ -1,0 +1,69 @@
+//! The live read store's WAL is checkpointed by a background thread, not by
+//! the projector's commits.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use chrono::{TimeZone, Utc};
+use tracker_projections::model::{Completion, CourseRef};
+use tracker_projections::readstore::ApplyBatch;
+use tracker_projections::sqlite::SqliteReadStore;
+use tracker_projections::{CheckpointKey, ProjectionKind, ReadStore, ReadStoreError};
+
+fn completion(position: u64) -> Completion {
+    let at = Utc.with_ymd_and_hms(2024, 3, 1, 10, 0, 0).unwrap();
+    Completion {
+        position,
+        event_id: uuid::Uuid::new_v4(),
+        institution_id: 1 + position % 13,
+        user_id: position,
+        user_name: format!("Learner {position}"),
+        user_email: format!("l{position}@example.edu.br"),
+        trail_id: 1 + position % 5,
+        trail_name: "Trilha".into(),
+        courses: vec![CourseRef {
+            id: 1 + position % 11,
+            title: "Curso".into(),
+        }],
+        finished_at_raw: "2024-03-01 07:00:00".into(),
+        finished_at: at,
+        day: "2024-03-01".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projector_commits_leave_checkpoints_to_a_background_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let read = SqliteReadStore::open(dir.path().join("readmodels")).unwrap();
+    let autocheckpoint: i64 = read
+        .with_conn(|conn, _| {
+            conn.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+                .map_err(|e| ReadStoreError::Storage(e.to_string()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(autocheckpoint, 0, "the projector's connection checkpoints");
+
+    let file = dir
+        .path()
+        .join("readmodels")
+        .join(format!("{}.sqlite", read.generation()));
+    let before = std::fs::metadata(&file).unwrap().len();
+    read.apply(ApplyBatch {
+        key: CheckpointKey::whole(ProjectionKind::Learners),
+        completions: (1..=3_000).map(completion).collect(),
+        dead_letters: Vec::new(),
+        through: 3_000,
+        lease: None,
+    })
+    .await
+    .unwrap();
+
+    // The rows reach the database file (from the WAL) without another
+    // commit: only the background checkpoint can have copied them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&file).unwrap().len() <= before {
+        assert!(Instant::now() < deadline, "the WAL was never checkpointed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
