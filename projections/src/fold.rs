@@ -13,7 +13,7 @@
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::model::Completion;
-use crate::plan::{Key, MembershipKeys, NewMembers, Plan, ProjectionKind, each_key, plan_rows};
+use crate::plan::{Key, MembershipKeys, NewMembers, Plan, ProjectionKind, each_key, plan_into};
 
 /// Every membership key of a fold, sorted in the tables' primary-key order
 /// (text in byte order, as SQLite's `BINARY` and PostgreSQL's `"C"`).
@@ -238,12 +238,13 @@ impl Fold {
     /// from every key at once.
     pub fn add(&mut self, batch: &[Completion]) {
         self.seen.record(self.kind, batch);
-        self.plan.merge(plan_rows(
+        plan_into(
+            &mut self.plan,
             self.kind,
             batch,
             &MembershipKeys::default(),
             false,
-        ));
+        );
     }
 
     /// The merged plan (without completion rows) and every membership key,
@@ -325,7 +326,30 @@ mod tests {
                 prop_assert_eq!(whole.completions.len(), if fold_rows(kind) { events.len() } else { 0 });
                 whole.completions.clear();
                 prop_assert_eq!(&folded, &whole);
-                prop_assert_eq!(members.to_keys(), all);
+                prop_assert_eq!(members.to_keys(), all.clone());
+
+                // Plan::merge: the plans of the parts, each with the keys
+                // new after the parts before it, merge into the whole plan.
+                let mut merged = Plan::default();
+                let mut known = MembershipKeys::default();
+                for w in cuts.windows(2) {
+                    let part = &events[w[0]..w[1]];
+                    let mut new = MembershipKeys::default();
+                    each_key(kind, part, |k| {
+                        let mut one = MembershipKeys::default();
+                        one.insert(k);
+                        if one.iter().all(|k| !known.iter().any(|seen| seen == k)) {
+                            new.insert(k);
+                        }
+                    });
+                    for k in new.iter() {
+                        known.insert(k);
+                    }
+                    merged.merge(plan(kind, part, &new));
+                }
+                merged.trail_courses.sort_unstable();
+                let whole_with_rows = plan(kind, &events, &all);
+                prop_assert_eq!(merged, whole_with_rows);
             }
         }
     }

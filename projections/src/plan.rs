@@ -364,23 +364,26 @@ impl Plan {
 /// `new` must be the subset of `membership_keys(kind, batch)` that was not
 /// recorded before this batch.
 pub fn plan(kind: ProjectionKind, batch: &[Completion], new: &MembershipKeys) -> Plan {
-    plan_rows(kind, batch, new, true)
+    let mut p = Plan::default();
+    plan_into(&mut p, kind, batch, new, true);
+    p
 }
 
-/// [`plan`], with completion rows only if `rows` (a rebuild writes them
-/// straight from the batch).
-pub(crate) fn plan_rows(
+/// [`plan`] added into `p` (which must cover events before `batch`, as for
+/// [`Plan::merge`]), with completion rows only if `rows` (a rebuild writes
+/// them straight from the batch). Folding into one plan spares a rebuild a
+/// plan per batch and its merge.
+pub(crate) fn plan_into(
+    p: &mut Plan,
     kind: ProjectionKind,
     batch: &[Completion],
     new: &MembershipKeys,
     rows: bool,
-) -> Plan {
-    let mut p = Plan::default();
+) {
     match kind {
-        ProjectionKind::Institutions => plan_institutions(batch, new, &mut p),
-        ProjectionKind::Learners => plan_learners(batch, new, &mut p, rows),
+        ProjectionKind::Institutions => plan_institutions(batch, new, p),
+        ProjectionKind::Learners => plan_learners(batch, new, p, rows),
     }
-    p
 }
 
 fn plan_institutions(batch: &[Completion], new: &MembershipKeys, p: &mut Plan) {
@@ -441,10 +444,14 @@ fn plan_institutions(batch: &[Completion], new: &MembershipKeys, p: &mut Plan) {
             d.completions += 1;
         }
     }
-    p.days = days
-        .into_iter()
-        .map(|((i, day), d)| ((i, day.to_owned()), d))
-        .collect();
+    for ((i, day), d) in days {
+        let row = p.days.entry((i, day.to_owned())).or_insert(DayDelta {
+            completions: 0,
+            new_learners: 0,
+        });
+        row.completions += d.completions;
+        row.new_learners += d.new_learners;
+    }
     let mut counter = NewMembers::default();
     for key in new.iter() {
         counter.count(p, ProjectionKind::Institutions, key);
