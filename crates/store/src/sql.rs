@@ -173,6 +173,13 @@ impl ReadPool {
         })?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.set_prepared_statement_cache_capacity(16);
+        // Without the query planner stability guarantee SQLite re-compiles
+        // a cached statement whose `LIMIT ?` value changed (every read of
+        // the log); the plans here never depend on the values.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )?;
         Ok(conn)
     }
 
