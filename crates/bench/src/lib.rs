@@ -11,7 +11,8 @@
 //! 4. fixed rate: `tracker serve` (projector on), open loop at half the
 //!    ingest peak, latency from intended send times, projection lag from
 //!    checkpoints polled on `/metrics`;
-//! 5. queries and 6. NDJSON export, over the query API, when it exists.
+//! 5. queries and 6. NDJSON export (the whole log, then the largest
+//!    institution), over the query API, when it exists.
 #![forbid(unsafe_code)]
 
 pub mod ceiling;
@@ -90,7 +91,8 @@ pub struct Options {
     /// Duration of each query measurement.
     #[arg(long, default_value_t = 10.0)]
     pub query_secs: f64,
-    /// Longest time spent exporting institution after institution.
+    /// Longest time the whole-log export may take (cut short after that,
+    /// reported incomplete with the rate so far).
     #[arg(long, default_value_t = 120.0)]
     pub export_secs: f64,
     /// Connections of the query phase.
@@ -596,7 +598,7 @@ async fn replay_phase(launcher: &Launcher, head: u64, postgres: Option<&str>) ->
 const FIXED_METHOD: &str = "open loop: `tracker serve` with its projector (SQLite read models, caught up by the replay), new deliveries intended at start + i/rate (rate = half the ingest peak) over the same number of connections (connection k sends requests k, k+C, ...; a connection still busy at an intended time sends late); latency from the intended send time to the whole answer (coordinated-omission corrected; timer granularity of the generator included, shown as generator_send_lag); service_time is from the actual send";
 const LAG_METHOD: &str = "every accepted append (position, time its 200 arrived) against the checkpoints of both projections, polled every lag_poll_ms on a separate connection (X-Consistent-Through of one cheap query per projection when the query API exists, else GET /metrics; see checkpoints_from): visible when the slower projection's checkpoint reaches the position (rows and checkpoint are one transaction), at the arrival of that poll's answer; an upper bound with a resolution of one poll (see median_poll_interval_ms)";
 const QUERY_METHOD: &str = "closed loop for a fixed time per endpoint over keep-alive connections with an operator API key, on the server of the fixed-rate phase (log = ingest + fixed-rate deliveries); institutions and learners drawn from the generated deliveries (so large institutions are asked about more), every answer must be 200";
-const EXPORT_METHOD: &str = "GET /v1/institutions/{id}/events with Accept: application/x-ndjson on one keep-alive connection, body streamed and its lines counted (never held): first the largest institution's whole history, then every institution of the data set in turn, largest first, until done or export_secs ran out (the API exports per institution: the whole log is the sum); events/s = lines / wall time; complete = every institution done and lines == log head; memory = peak VmRSS of tracker serve during the export less VmRSS before it";
+const EXPORT_METHOD: &str = "GET /v1/events (the whole log, operator key) with Accept: application/x-ndjson on one keep-alive connection, body streamed and its lines counted (never held), at most export_secs; events/s = lines / wall time from sending the request to the last byte; complete = lines == log head; then GET /v1/institutions/{id}/events of the largest institution the same way; memory = peak VmRSS of tracker serve during each export less VmRSS before the phase";
 
 async fn live_phases(
     opts: &Options,
@@ -1093,28 +1095,55 @@ async fn query_phase(
     cpu.finish(Some(serve), Phase::ok(QUERY_METHOD, results, Some(rss)))
 }
 
-/// Streams one NDJSON export; returns (status, lines, bytes).
+/// What one streamed NDJSON export gave.
+struct Streamed {
+    status: u16,
+    lines: u64,
+    bytes: u64,
+    secs: f64,
+    /// `budget` ran out before the body ended.
+    cut: bool,
+}
+
+/// Streams one NDJSON export of `path`, counting lines, for at most
+/// `budget` (a cut export drops the connection, so use a fresh one).
 async fn export_one(
     sender: &mut load::Sender,
     api: &Target,
-    institution: u64,
-) -> Result<(u16, u64, u64), LoadError> {
-    let uri: Uri = format!("/v1/institutions/{institution}/events")
-        .parse()
-        .map_err(|e| LoadError::Other(format!("{e}")))?;
+    path: &str,
+    budget: Duration,
+) -> Result<Streamed, LoadError> {
+    let uri: Uri = path.parse().map_err(|e| LoadError::Other(format!("{e}")))?;
     let req = api.get(&uri, Some("application/x-ndjson"))?;
     sender.ready().await?;
+    let t = Instant::now();
     let res = sender.send_request(req).await?;
     let status = res.status().as_u16();
     let mut body = res.into_body();
     let (mut lines, mut bytes) = (0u64, 0u64);
-    while let Some(frame) = body.frame().await {
+    let mut cut = false;
+    loop {
+        let Some(left) = budget.checked_sub(t.elapsed()) else {
+            cut = true;
+            break;
+        };
+        let Ok(frame) = tokio::time::timeout(left, body.frame()).await else {
+            cut = true;
+            break;
+        };
+        let Some(frame) = frame else { break };
         if let Some(data) = frame?.data_ref() {
             lines += data.iter().filter(|b| **b == b'\n').count() as u64;
             bytes += data.len() as u64;
         }
     }
-    Ok((status, lines, bytes))
+    Ok(Streamed {
+        status,
+        lines,
+        bytes,
+        secs: t.elapsed().as_secs_f64(),
+        cut,
+    })
 }
 
 async fn export_phase(
@@ -1133,97 +1162,86 @@ async fn export_phase(
     for m in meta.iter().filter(|m| !m.duplicate) {
         *per_inst.entry(m.institution).or_default() += 1;
     }
-    let mut institutions: Vec<(u64, u64)> = per_inst.into_iter().collect();
-    // Largest first, so a sweep cut short by time still covers most events.
-    institutions.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let Some(&(largest, largest_events)) = institutions.first() else {
+    let Some((largest, largest_events)) = per_inst
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+    else {
         return Phase::skipped(EXPORT_METHOD, "no data");
     };
-    let mut sender = match api.connect().await {
-        Ok(s) => s,
-        Err(e) => return Phase::failed(EXPORT_METHOD, e),
-    };
-    let rss_before =
-        child::rss_bytes(&PathBuf::from(format!("/proc/{}/status", serve.pid()))).unwrap_or(0);
+    let status_path = PathBuf::from(format!("/proc/{}/status", serve.pid()));
+    let rss_before = child::rss_bytes(&status_path).unwrap_or(0);
     serve.memory.take_peak();
     let cpu = CpuWindow::start(Some(serve));
+    let budget = Duration::from_secs_f64(opts.export_secs);
     say(format!(
-        "export: largest institution {largest} ({largest_events} events), then every institution for at most {:.0}s (log head {head})",
+        "export: the whole log (head {head}) for at most {:.0}s, then institution {largest} ({largest_events} events)",
         opts.export_secs
     ));
-    let t = Instant::now();
-    let one = match export_one(&mut sender, api, largest).await {
-        Ok((200, lines, bytes)) => {
-            let secs = t.elapsed().as_secs_f64();
-            ExportOne {
-                institution: largest,
-                events: lines,
-                expected_events: largest_events,
-                bytes,
-                secs,
-                events_per_sec: lines as f64 / secs.max(1e-9),
-                log_events_per_sec: head as f64 / secs.max(1e-9),
-            }
+    let whole = match api.connect().await {
+        Ok(mut sender) => export_one(&mut sender, api, "/v1/events", budget).await,
+        Err(e) => Err(e),
+    };
+    let whole = match whole {
+        Ok(w) if w.status == 200 => w,
+        Ok(w) => {
+            return Phase::failed(EXPORT_METHOD, format!("GET /v1/events: HTTP {}", w.status));
         }
-        Ok((status, ..)) => {
+        Err(e) => return Phase::failed(EXPORT_METHOD, format!("GET /v1/events: {e}")),
+    };
+    let whole_peak = serve.memory.take_peak().max(rss_before);
+    let rate = whole.lines as f64 / whole.secs.max(1e-9);
+    say(format!(
+        "  whole log: {} of {head} events, {:.0} MiB in {:.2}s, {rate:.0} events/s{}, RSS +{:.1} MiB",
+        whole.lines,
+        report::mib(whole.bytes),
+        whole.secs,
+        if whole.cut { " (cut short)" } else { "" },
+        report::mib(whole_peak.saturating_sub(rss_before))
+    ));
+    let path = format!("/v1/institutions/{largest}/events");
+    let one = match api.connect().await {
+        Ok(mut sender) => export_one(&mut sender, api, &path, budget).await,
+        Err(e) => Err(e),
+    };
+    let one = match one {
+        Ok(o) if o.status == 200 => o,
+        Ok(o) => {
             return Phase::failed(
                 EXPORT_METHOD,
-                format!("institution {largest}: HTTP {status}"),
+                format!("institution {largest}: HTTP {}", o.status),
             );
         }
-        Err(e) => return Phase::failed(EXPORT_METHOD, e),
+        Err(e) => return Phase::failed(EXPORT_METHOD, format!("institution {largest}: {e}")),
+    };
+    let one_peak = serve.memory.take_peak().max(rss_before);
+    let one = ExportOne {
+        institution: largest,
+        events: one.lines,
+        expected_events: largest_events,
+        bytes: one.bytes,
+        secs: one.secs,
+        events_per_sec: one.lines as f64 / one.secs.max(1e-9),
+        log_events_per_sec: head as f64 / one.secs.max(1e-9),
+        complete: !one.cut && one.lines == largest_events,
+        rss_growth_mib: report::mib(one_peak.saturating_sub(rss_before)),
     };
     say(format!(
-        "  largest: {} events in {:.2}s, {:.0} events/s",
+        "  largest institution: {} events in {:.2}s, {:.0} events/s",
         one.events, one.secs, one.events_per_sec
     ));
-    let budget = Duration::from_secs_f64(opts.export_secs);
-    let t = Instant::now();
-    let (mut events, mut bytes, mut requests) = (0u64, 0u64, 0u64);
-    for &(institution, _) in &institutions {
-        if t.elapsed() >= budget {
-            break;
-        }
-        match export_one(&mut sender, api, institution).await {
-            Ok((200, lines, b)) => {
-                events += lines;
-                bytes += b;
-                requests += 1;
-            }
-            Ok((status, ..)) => {
-                return Phase::failed(
-                    EXPORT_METHOD,
-                    format!("institution {institution}: HTTP {status}"),
-                );
-            }
-            Err(e) => {
-                return Phase::failed(EXPORT_METHOD, format!("institution {institution}: {e}"));
-            }
-        }
-    }
-    let secs = t.elapsed().as_secs_f64();
-    let peak = serve.memory.take_peak().max(rss_before);
-    let rate = events as f64 / secs.max(1e-9);
     let result = Export {
-        institutions: institutions.len() as u64,
-        institutions_exported: requests,
-        events,
-        bytes,
-        secs,
+        events: whole.lines,
+        bytes: whole.bytes,
+        secs: whole.secs,
         events_per_sec: rate,
+        mib_per_sec: report::mib(whole.bytes) / whole.secs.max(1e-9),
         log_head: head,
-        complete: events == head && one.events == largest_events,
-        estimated_whole_log_secs: (requests > 0)
-            .then(|| secs / requests as f64 * institutions.len() as f64),
-        largest_institution: one,
+        complete: !whole.cut && whole.lines == head,
         rss_before_mib: report::mib(rss_before),
-        rss_growth_mib: report::mib(peak.saturating_sub(rss_before)),
+        rss_growth_mib: report::mib(whole_peak.saturating_sub(rss_before)),
+        largest_institution: one,
     };
-    say(format!(
-        "export: {requests} of {} institutions, {events} of {head} events in {secs:.1}s, {rate:.0} events/s, RSS +{:.1} MiB",
-        institutions.len(),
-        result.rss_growth_mib
-    ));
+    let peak = whole_peak.max(one_peak);
     cpu.finish(Some(serve), Phase::ok(EXPORT_METHOD, result, Some(peak)))
 }
 

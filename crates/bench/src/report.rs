@@ -179,26 +179,23 @@ pub struct Query {
     pub run: Throughput,
 }
 
+/// The whole log as NDJSON (`GET /v1/events`), then the largest
+/// institution's events.
 #[derive(Debug, Clone, Serialize)]
 pub struct Export {
-    /// Institutions of the data set (one export request each).
-    pub institutions: u64,
-    /// Institutions exported before `export_secs` ran out.
-    pub institutions_exported: u64,
+    /// Lines received.
     pub events: u64,
     pub bytes: u64,
     pub secs: f64,
     pub events_per_sec: f64,
+    pub mib_per_sec: f64,
     pub log_head: u64,
-    /// Every event of the log came out.
+    /// Every event of the log came out within `export_secs`.
     pub complete: bool,
-    /// At the measured time per institution, how long every institution
-    /// would take.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub estimated_whole_log_secs: Option<f64>,
-    pub largest_institution: ExportOne,
     pub rss_before_mib: f64,
+    /// Peak VmRSS during the whole-log export less VmRSS before it.
     pub rss_growth_mib: f64,
+    pub largest_institution: ExportOne,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -212,6 +209,9 @@ pub struct ExportOne {
     /// The whole log's size over the time: the rate at which the server
     /// went through the log, if it reads all of it to find one institution.
     pub log_events_per_sec: f64,
+    pub complete: bool,
+    /// Peak VmRSS during this export less VmRSS before the phase.
+    pub rss_growth_mib: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -357,39 +357,36 @@ pub fn table(p: &Phases) -> Vec<Row> {
     }
     let export = p.export.result.as_ref();
     rows.push(Row {
-        measure: "NDJSON export, largest institution's history".into(),
+        measure: "NDJSON export of the whole log (GET /v1/events)".into(),
         result: status_or(&p.export, |r| {
             format!(
-                "{:.0} events/s ({} events), RSS +{:.1} MiB",
-                r.largest_institution.events_per_sec,
-                r.largest_institution.events,
-                r.rss_growth_mib
-            )
-        }),
-        target: ">= 200,000 events/s, memory flat".into(),
-        met: met(export.map(|r| {
-            r.largest_institution.events_per_sec >= 200_000.0 && r.rss_growth_mib <= FLAT_MIB
-        })),
-    });
-    rows.push(Row {
-        measure: "NDJSON export of the whole log (every institution)".into(),
-        result: status_or(&p.export, |r| {
-            format!(
-                "{:.0} events/s, {} of {} institutions in {:.0}s{}",
+                "{:.0} events/s ({} of {} events, {:.0} MiB/s), RSS +{:.1} MiB{}",
                 r.events_per_sec,
-                r.institutions_exported,
-                r.institutions,
-                r.secs,
-                match (r.complete, r.estimated_whole_log_secs) {
-                    (true, _) => String::new(),
-                    (false, Some(est)) => format!(" (all: ~{est:.0}s)"),
-                    (false, None) => " (incomplete)".into(),
-                }
+                r.events,
+                r.log_head,
+                r.mib_per_sec,
+                r.rss_growth_mib,
+                if r.complete { "" } else { " (incomplete)" }
             )
         }),
         target: ">= 200,000 events/s, memory flat".into(),
         met: met(export
             .map(|r| r.events_per_sec >= 200_000.0 && r.rss_growth_mib <= FLAT_MIB && r.complete)),
+    });
+    rows.push(Row {
+        measure: "NDJSON export, largest institution's history".into(),
+        result: status_or(&p.export, |r| {
+            let one = &r.largest_institution;
+            format!(
+                "{:.0} events/s ({} events, log scanned at {:.0}/s), RSS +{:.1} MiB",
+                one.events_per_sec, one.events, one.log_events_per_sec, one.rss_growth_mib
+            )
+        }),
+        target: ">= 200,000 events/s, memory flat".into(),
+        met: met(export.map(|r| {
+            let one = &r.largest_institution;
+            one.events_per_sec >= 200_000.0 && one.rss_growth_mib <= FLAT_MIB && one.complete
+        })),
     });
     rows
 }

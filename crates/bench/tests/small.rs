@@ -128,8 +128,16 @@ fn every_phase_completes_and_reports_numbers() {
         }
         let export = ok(&report, "export");
         positive(export, "events_per_sec");
-        positive(export, "largest_institution.events_per_sec");
+        positive(export, "mib_per_sec");
         assert_eq!(export["complete"], true, "{export:#}");
+        // The whole log, every event of it.
+        assert_eq!(export["events"].as_f64(), export["log_head"].as_f64());
+        assert!(export["log_head"].as_f64().unwrap() > head, "{export:#}");
+        positive(export, "largest_institution.events_per_sec");
+        assert_eq!(
+            export["largest_institution"]["complete"], true,
+            "{export:#}"
+        );
         positive(&report["phases"]["export"], "peak_rss_mib");
     } else {
         // Without the query API these two say so, and nothing else.
