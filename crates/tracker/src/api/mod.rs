@@ -1,5 +1,6 @@
 //! The query API (`/v1`): the read models and the raw event log of one
-//! institution at a time, for analysts, dashboards and auditors.
+//! institution at a time, for analysts, dashboards and auditors, and the
+//! whole log for operators (`/v1/events`).
 //!
 //! Every request is authenticated (`Authorization: Bearer <key>`) and the
 //! key's institutions checked before anything is read. Read-model answers
