@@ -1345,6 +1345,9 @@ async fn copy_triples(
     copy.finish().await
 }
 
+/// Every membership table of `kind` but `inst_m_course_learners` (the
+/// largest, one key per learner and course: loaded beside the rest on
+/// another connection).
 async fn copy_membership(
     tx: &Transaction<'_>,
     s: &str,
@@ -1361,14 +1364,6 @@ async fn copy_membership(
             copy_pairs(tx, s, "inst_m_trails", [I, T], &m.institution_trails).await?;
             copy_pairs(tx, s, "inst_m_courses", [I, C], &m.institution_courses).await?;
             copy_triples(tx, s, "inst_m_trail_learners", [I, T, U], &m.trail_learners).await?;
-            copy_triples(
-                tx,
-                s,
-                "inst_m_course_learners",
-                [I, C, U],
-                &m.course_learners,
-            )
-            .await?;
             copy_triples(tx, s, "inst_trail_courses", [I, T, C], &m.trail_courses).await?;
             let mut copy = Copy::start(
                 tx,
@@ -1751,28 +1746,60 @@ impl ReadStore for PgReadStore {
 
     async fn load_final(&self, load: FinalLoad) -> Result<(), ReadStoreError> {
         let s = self.building()?;
-        let mut client = self.client().await?;
-        let tx = client
-            .transaction()
+        let s = s.as_str();
+        let load = &load;
+        // The largest table on a connection of its own, so that two
+        // backends share the institutions projection's load. Not one
+        // transaction with the rest: nothing reads a generation before seal,
+        // and a failure abandons it.
+        let course_learners = async {
+            if load.projection != ProjectionKind::Institutions {
+                return Ok(());
+            }
+            let mut client = self.client().await?;
+            let tx = client
+                .transaction()
+                .await
+                .map_err(pg("loading a rebuilt projection"))?;
+            relax_durability(&tx).await?;
+            copy_triples(
+                &tx,
+                s,
+                "inst_m_course_learners",
+                ["institution_id", "course_id", "user_id"],
+                &load.membership.course_learners,
+            )
+            .await?;
+            tx.commit()
+                .await
+                .map_err(pg("loading a rebuilt projection"))
+        };
+        let rest = async {
+            let mut client = self.client().await?;
+            let tx = client
+                .transaction()
+                .await
+                .map_err(pg("loading a rebuilt projection"))?;
+            relax_durability(&tx).await?;
+            copy_plan(&tx, s, &load.plan).await?;
+            copy_membership(&tx, s, load.projection, &load.membership).await?;
+            let dead_letters: Vec<&DeadLetter> = load.dead_letters.iter().collect();
+            write_dead_letters(&tx, s, &dead_letters).await?;
+            tx.execute(
+                &format!("INSERT INTO {s}.checkpoints (key, position) VALUES ($1, $2)"),
+                &[
+                    &CheckpointKey::whole(load.projection).to_string(),
+                    &sql_position(load.through)?,
+                ],
+            )
             .await
-            .map_err(pg("loading a rebuilt projection"))?;
-        relax_durability(&tx).await?;
-        copy_plan(&tx, &s, &load.plan).await?;
-        copy_membership(&tx, &s, load.projection, &load.membership).await?;
-        let dead_letters: Vec<&DeadLetter> = load.dead_letters.iter().collect();
-        write_dead_letters(&tx, &s, &dead_letters).await?;
-        tx.execute(
-            &format!("INSERT INTO {s}.checkpoints (key, position) VALUES ($1, $2)"),
-            &[
-                &CheckpointKey::whole(load.projection).to_string(),
-                &sql_position(load.through)?,
-            ],
-        )
-        .await
-        .map_err(pg("writing the checkpoint"))?;
-        tx.commit()
-            .await
-            .map_err(pg("loading a rebuilt projection"))
+            .map_err(pg("writing the checkpoint"))?;
+            tx.commit()
+                .await
+                .map_err(pg("loading a rebuilt projection"))
+        };
+        futures::try_join!(course_learners, rest)?;
+        Ok(())
     }
 
     async fn acquire_lease(
