@@ -35,6 +35,13 @@ pub fn learner_stream(institution: InstitutionId, user: UserId) -> String {
     format!("learner-{institution}-{user}")
 }
 
+/// What every learner stream of `institution` begins with, and no stream
+/// of another institution: the `-` after the id keeps institution 1's
+/// `learner-1-` from taking in institution 12's `learner-12-…`.
+pub fn learner_streams_prefix(institution: InstitutionId) -> String {
+    format!("learner-{institution}-")
+}
+
 /// The stream of an institution's events that name no learner.
 pub fn institution_stream(institution: InstitutionId) -> String {
     format!("institution-{institution}")
@@ -187,5 +194,27 @@ impl OtherEvent {
             user_id: self.user_id,
             delivery,
         })
+    }
+}
+
+#[cfg(test)]
+mod stream_name_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// An institution's learner streams, and only they, begin with its
+    /// prefix, even where one id begins another (1, 12, 123).
+    #[test]
+    fn learner_prefixes_do_not_take_in_other_institutions() {
+        let id = |n: u64| InstitutionId::try_from(n).unwrap();
+        let user = UserId::try_from(5).unwrap();
+        for a in [1, 12, 123] {
+            for b in [1, 12, 123] {
+                let stream = learner_stream(id(b), user);
+                assert_eq!(stream.starts_with(&learner_streams_prefix(id(a))), a == b);
+                assert!(!institution_stream(id(b)).starts_with(&learner_streams_prefix(id(a))));
+            }
+        }
     }
 }

@@ -159,6 +159,43 @@ pub struct ReadAll {
     pub limit: usize,
 }
 
+/// A set of streams read together, in position order: every stream whose
+/// name starts with `prefix`, and the stream named `exact` (an
+/// institution's `learner-{i}-` streams and its `institution-{i}`). Put the
+/// separator in the prefix (`learner-1-`), or it takes in the streams of
+/// every name it begins (`learner-1` is a prefix of `learner-12-3`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSet {
+    prefix: String,
+    exact: String,
+}
+
+impl StreamSet {
+    pub fn new(prefix: impl Into<String>, exact: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+            exact: exact.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn exact(&self) -> &str {
+        &self.exact
+    }
+
+    /// Whether the stream named `stream` is one of the set.
+    pub fn contains(&self, stream: &[u8]) -> bool {
+        stream.starts_with(self.prefix.as_bytes()) || stream == self.exact.as_bytes()
+    }
+}
+
+/// Events of the log the default [`EventStore::read_streams`] reads per
+/// [`EventStore::read_all`] while it looks for those of the set.
+const SCAN_CHUNK: usize = 1_024;
+
 /// A stretch of the log in its stored form, for consumers that copy events
 /// out without interpreting them (exports): every text field of every event
 /// in one buffer, so reading a chunk costs two allocations (none when the
@@ -379,6 +416,68 @@ pub trait EventStore: Send + Sync + fmt::Debug {
         mut buf: RawEvents,
     ) -> Result<RawEvents, StoreError> {
         let events = self.read_all(read).await?;
+        buf.clear();
+        for e in &events {
+            buf.push_recorded(e);
+        }
+        Ok(buf)
+    }
+
+    /// The events of the streams of `streams`, in position order, from
+    /// position `read.from` on (inclusive; 0 and 1 both mean "from the
+    /// first event"), at most `read.limit` of them. Fewer than `limit` means
+    /// the set holds no further event up to the head.
+    ///
+    /// This default reads the whole log from `from` through
+    /// [`read_all`](Self::read_all) (a chunk at a time, so in constant
+    /// memory) and keeps the set's events; backends with an index on the
+    /// stream name override it to read only those.
+    async fn read_streams(
+        &self,
+        streams: &StreamSet,
+        read: ReadAll,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut found = Vec::new();
+        if read.limit == 0 {
+            return Ok(found);
+        }
+        let mut from = read.from;
+        loop {
+            let events = self
+                .read_all(ReadAll {
+                    from,
+                    limit: SCAN_CHUNK,
+                })
+                .await?;
+            let read_now = events.len();
+            let Some(last) = events.last().map(|e| e.position) else {
+                return Ok(found);
+            };
+            for e in events {
+                if streams.contains(e.stream.as_bytes()) {
+                    found.push(e);
+                    if found.len() == read.limit {
+                        return Ok(found);
+                    }
+                }
+            }
+            if read_now < SCAN_CHUNK {
+                return Ok(found);
+            }
+            from = last + 1;
+        }
+    }
+
+    /// [`read_streams`](Self::read_streams) in the stored form, into `buf`
+    /// (cleared first), as [`read_all_raw`](Self::read_all_raw) is to
+    /// `read_all`. This default decodes and re-encodes.
+    async fn read_streams_raw(
+        &self,
+        streams: &StreamSet,
+        read: ReadAll,
+        mut buf: RawEvents,
+    ) -> Result<RawEvents, StoreError> {
+        let events = self.read_streams(streams, read).await?;
         buf.clear();
         for e in &events {
             buf.push_recorded(e);

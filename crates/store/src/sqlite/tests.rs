@@ -538,3 +538,241 @@ async fn the_background_checkpointer_moves_the_wal_into_the_file() {
     let wal = dir.path().join("events.sqlite-wal");
     assert_eq!(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0), 0);
 }
+
+/// The SQLite store with the trait's default stream-set reads: the
+/// reference the index reads must agree with.
+#[derive(Debug)]
+struct Defaulted(SqliteEventStore);
+
+#[async_trait]
+impl EventStore for Defaulted {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedRevision,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, AppendError> {
+        self.0.append(stream, expected, events).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.0.read_stream(stream, from, limit).await
+    }
+
+    async fn read_all(&self, read: ReadAll) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.0.read_all(read).await
+    }
+
+    async fn head(&self) -> Result<Position, StoreError> {
+        self.0.head().await
+    }
+
+    fn subscribe_all(&self, from: Position) -> Subscription {
+        self.0.subscribe_all(from)
+    }
+
+    async fn writable(&self) -> Result<(), StoreError> {
+        self.0.writable().await
+    }
+}
+
+/// Institutions whose ids begin one another's (1, 12, 123), each with a
+/// few learners and its own stream, interleaved in the log; more than
+/// [`crate::SCAN_CHUNK`] events, so the default read crosses its chunks.
+async fn institutions_log(store: &SqliteEventStore) -> Vec<RecordedEvent> {
+    let mut n = 0;
+    for round in 0..400u64 {
+        for institution in [1u64, 12, 123, 2] {
+            let stream = match (round + institution) % 5 {
+                0 => format!("institution-{institution}"),
+                k => format!("learner-{institution}-{}", k + round % 3),
+            };
+            n += 1;
+            store
+                .append(&stream, ExpectedRevision::Any, vec![simple(n)])
+                .await
+                .unwrap();
+        }
+    }
+    // Names that a careless prefix or range would take in.
+    for stream in [
+        "learner-1",
+        "learner-1.5",
+        "learner-10-1",
+        "institution-12-x",
+    ] {
+        n += 1;
+        store
+            .append(stream, ExpectedRevision::Any, vec![simple(n)])
+            .await
+            .unwrap();
+    }
+    everything(store).await
+}
+
+fn institution(i: u64) -> StreamSet {
+    StreamSet::new(format!("learner-{i}-"), format!("institution-{i}"))
+}
+
+/// Reads the whole set from `from`, `chunk` events at a time, as an export
+/// does; checks that only the last read comes back short.
+async fn read_set(
+    store: &dyn EventStore,
+    streams: &StreamSet,
+    from: Position,
+    chunk: usize,
+) -> (Vec<RecordedEvent>, RawEvents) {
+    let mut events = Vec::new();
+    let mut next = from;
+    loop {
+        let read = store
+            .read_streams(
+                streams,
+                ReadAll {
+                    from: next,
+                    limit: chunk,
+                },
+            )
+            .await
+            .unwrap();
+        assert!(read.len() <= chunk);
+        let short = read.len() < chunk;
+        if let Some(last) = read.last() {
+            next = last.position + 1;
+        }
+        events.extend(read);
+        if short {
+            break;
+        }
+    }
+    let mut raw = RawEvents::default();
+    let mut buf = RawEvents::default();
+    let mut next = from;
+    loop {
+        buf = store
+            .read_streams_raw(
+                streams,
+                ReadAll {
+                    from: next,
+                    limit: chunk,
+                },
+                buf,
+            )
+            .await
+            .unwrap();
+        for e in buf.iter() {
+            raw.push(&e);
+        }
+        if let Some(last) = buf.last_position() {
+            next = last + 1;
+        }
+        if buf.len() < chunk {
+            break;
+        }
+    }
+    (events, raw)
+}
+
+#[tokio::test]
+async fn stream_set_reads_equal_filtering_the_log() {
+    let (_dir, store) = temp_store();
+    let log = institutions_log(&store).await;
+    let defaulted = Defaulted(store.clone());
+    for i in [1u64, 12, 123, 2, 10, 7] {
+        let set = institution(i);
+        for from in [0, 1, 2, 5, 700, 1_599, 1_600, 1_604, 1_605, 5_000] {
+            let expected: Vec<RecordedEvent> = log
+                .iter()
+                .filter(|e| e.position >= from && set.contains(e.stream.as_bytes()))
+                .cloned()
+                .collect();
+            let mut expected_raw = RawEvents::default();
+            for e in &expected {
+                expected_raw.push_recorded(e);
+            }
+            for chunk in [1, 7, 100, 1_000, 5_000] {
+                let (events, raw) = read_set(&store, &set, from, chunk).await;
+                assert_eq!(events, expected, "institution {i} from {from} by {chunk}");
+                assert_eq!(raw, expected_raw, "institution {i} from {from} by {chunk}");
+                if chunk >= 100 {
+                    let (events, raw) = read_set(&defaulted, &set, from, chunk).await;
+                    assert_eq!(events, expected, "default: {i} from {from} by {chunk}");
+                    assert_eq!(raw, expected_raw, "default: {i} from {from} by {chunk}");
+                }
+            }
+        }
+    }
+    // Prefixes of one another's ids: institution 1 holds none of 12's or
+    // 123's events, and the institution stream only by its exact name.
+    let (one, _) = read_set(&store, &institution(1), 0, 1_000).await;
+    assert_eq!(one.len(), 400);
+    assert!(
+        one.iter()
+            .all(|e| e.stream.starts_with("learner-1-") || e.stream == "institution-1")
+    );
+    assert!(one.iter().any(|e| e.stream == "institution-1"));
+    let (unknown, _) = read_set(&store, &institution(7), 0, 10).await;
+    assert!(unknown.is_empty());
+    let none = store
+        .read_streams(&institution(1), ReadAll { from: 0, limit: 0 })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}
+
+#[tokio::test]
+async fn stream_set_prefixes_without_a_successor_still_bound_the_range() {
+    assert_eq!(
+        prefix_successor("learner-12-").as_deref(),
+        Some("learner-12.")
+    );
+    assert_eq!(prefix_successor("a\u{10FFFF}").as_deref(), Some("b"));
+    assert_eq!(prefix_successor("a\u{D7FF}").as_deref(), Some("a\u{E000}"));
+    assert_eq!(prefix_successor(""), None);
+    let (_dir, store) = temp_store();
+    let log = institutions_log(&store).await;
+    // An empty prefix: every stream.
+    let every = StreamSet::new("", "institution-1");
+    let (events, _) = read_set(&store, &every, 0, 300).await;
+    assert_eq!(events, log);
+}
+
+/// The positions come from the `(stream, revision)` index: SQLite never
+/// walks the table (`SCAN events`) for a stream-set read.
+#[tokio::test]
+async fn stream_set_reads_search_the_stream_index() {
+    let (dir, store) = temp_store();
+    institutions_log(&store).await;
+    let conn = Connection::open(dir.path().join("events.sqlite")).unwrap();
+    // With and without statistics: the plan must not depend on them.
+    for analyze in [false, true] {
+        if analyze {
+            conn.execute_batch("ANALYZE").unwrap();
+        }
+        let mut stmt = conn
+            .prepare(concat!("EXPLAIN QUERY PLAN ", select_stream_set!()))
+            .unwrap();
+        let plan: Vec<String> = stmt
+            .query_map(
+                params!["learner-1-", "learner-1.", "institution-1", 0, 1000],
+                |row| row.get(3),
+            )
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let plan = plan.join("\n");
+        println!("{plan}");
+        assert!(!plan.contains("SCAN events"), "{plan}");
+        assert!(plan.contains("(stream>? AND stream<?)"), "{plan}");
+        assert!(plan.contains("(stream=?)"), "{plan}");
+        assert!(
+            plan.contains("USING INTEGER PRIMARY KEY (rowid=?)"),
+            "{plan}"
+        );
+    }
+}

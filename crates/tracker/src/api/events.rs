@@ -13,7 +13,9 @@
 //!
 //! An institution's events are found by stream name: every event of
 //! institution `I` is in `learner-I-{user}` or `institution-I`, so no event
-//! of another institution can appear.
+//! of another institution can appear. They are read with
+//! [`EventStore::read_streams`], which the embedded store answers from its
+//! stream index: an institution costs its own events, not the whole log.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -24,8 +26,9 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use tokio::sync::mpsc;
+use tracker_domain::{InstitutionId, event};
 use tracker_store::{
-    EventStore, Position, RawEvent, RawEvents, ReadAll, RecordedEvent, StoreError,
+    EventStore, Position, RawEvent, RawEvents, ReadAll, RecordedEvent, StoreError, StreamSet,
 };
 use utoipa::{IntoParams, IntoResponses};
 
@@ -125,24 +128,16 @@ pub struct EventsQuery {
 enum Streams {
     /// Every stream read (the whole log, or the one stream read).
     Any,
-    /// `learner-{institution}-…` and `institution-{institution}`.
-    Institution {
-        learner_prefix: String,
-        institution_stream: String,
-    },
+    /// `learner-{institution}-…` and `institution-{institution}` (what
+    /// the store reads already; checked again as each event is kept).
+    Institution(StreamSet),
 }
 
 impl Streams {
     fn matches(&self, stream: &[u8]) -> bool {
         match self {
             Self::Any => true,
-            Self::Institution {
-                learner_prefix,
-                institution_stream,
-            } => {
-                stream.starts_with(learner_prefix.as_bytes())
-                    || stream == institution_stream.as_bytes()
-            }
+            Self::Institution(set) => set.contains(stream),
         }
     }
 }
@@ -185,11 +180,28 @@ impl Filter {
     }
 }
 
-/// Where events come from: the global log, or one stream.
+/// Where events come from: the global log, one institution's streams (in
+/// log order, so its cursor is a position too), or one stream.
 #[derive(Debug, Clone)]
 enum Source {
     All,
+    Institution(StreamSet),
     Stream(String),
+}
+
+impl Source {
+    /// Whether the cursor is a log position (else a stream revision).
+    fn by_position(&self) -> bool {
+        matches!(self, Self::All | Self::Institution(_))
+    }
+}
+
+/// The streams of `institution`.
+fn institution_streams(institution: InstitutionId) -> StreamSet {
+    StreamSet::new(
+        event::learner_streams_prefix(institution),
+        event::institution_stream(institution),
+    )
 }
 
 /// One chunk read: the events and the cursor after them (a position for
@@ -208,6 +220,15 @@ async fn read_chunk(
                     limit,
                 })
                 .await?;
+            let next = events.last().map_or(after, |e| e.position);
+            Ok((events, next))
+        }
+        Source::Institution(streams) => {
+            let read = ReadAll {
+                from: after + 1,
+                limit,
+            };
+            let events = store.read_streams(streams, read).await?;
             let next = events.last().map_or(after, |e| e.position);
             Ok((events, next))
         }
@@ -234,6 +255,15 @@ async fn read_raw_chunk(
                 limit,
             };
             let events = store.read_all_raw(read, buf).await?;
+            let next = events.last_position().unwrap_or(after);
+            Ok((events, next))
+        }
+        Source::Institution(streams) => {
+            let read = ReadAll {
+                from: after + 1,
+                limit,
+            };
+            let events = store.read_streams_raw(streams, read, buf).await?;
             let next = events.last_position().unwrap_or(after);
             Ok((events, next))
         }
@@ -324,12 +354,9 @@ fn parse(req: &HttpRequest, ctx: &ApiContext, reads: Reads) -> Result<(Request, 
             Streams::Any,
         ),
         (Some(institution), None) => (
-            Source::All,
+            Source::Institution(institution_streams(institution)),
             CursorScope::new(format!("events/{institution}"), "position"),
-            Streams::Institution {
-                learner_prefix: format!("learner-{institution}-"),
-                institution_stream: format!("institution-{institution}"),
-            },
+            Streams::Institution(institution_streams(institution)),
         ),
         (None, _) => (
             Source::All,
@@ -341,17 +368,17 @@ fn parse(req: &HttpRequest, ctx: &ApiContext, reads: Reads) -> Result<(Request, 
     let after = match q.cursor.as_deref() {
         Some(c) => {
             let key = decode_cursor(&scope, c)?;
-            match source {
-                Source::All => key.position()?,
-                Source::Stream(_) => key.revision()?,
+            if source.by_position() {
+                key.position()?
+            } else {
+                key.revision()?
             }
         }
-        // The log: start just before `from_position`. A stream: from its
-        // first revision (positions are filtered as it is read).
-        None => match source {
-            Source::All => from_position.saturating_sub(1),
-            Source::Stream(_) => 0,
-        },
+        // The log (or an institution's streams in it): start just before
+        // `from_position`. A stream: from its first revision (positions are
+        // filtered as it is read).
+        None if source.by_position() => from_position.saturating_sub(1),
+        None => 0,
     };
     let format = negotiate(req, &[Format::Json, Format::Csv, Format::Ndjson]);
     Ok((
@@ -531,9 +558,10 @@ async fn page(
                 past_end = true;
                 break;
             }
-            after = match request.source {
-                Source::All => e.position,
-                Source::Stream(_) => e.revision + 1,
+            after = if request.source.by_position() {
+                e.position
+            } else {
+                e.revision + 1
             };
             scanned += 1;
             if request.filter.matches(&e) {
@@ -553,9 +581,10 @@ async fn page(
         }
     };
     let next = (!done).then(|| {
-        let key = match request.source {
-            Source::All => CursorKey::Position { p: after },
-            Source::Stream(_) => CursorKey::Revision { r: after },
+        let key = if request.source.by_position() {
+            CursorKey::Position { p: after }
+        } else {
+            CursorKey::Revision { r: after }
         };
         encode_cursor(&request.scope, key)
     });
@@ -1092,10 +1121,7 @@ mod tests {
     #[test]
     fn the_filter_keeps_the_institution_positions_and_times() {
         let institution = Filter {
-            streams: Streams::Institution {
-                learner_prefix: "learner-7-".into(),
-                institution_stream: "institution-7".into(),
-            },
+            streams: Streams::Institution(institution_streams(InstitutionId::try_from(7).unwrap())),
             from_position: 2,
             to_position: 50,
             from: Some(Utc.timestamp_opt(1_700_000_003, 0).unwrap()),
