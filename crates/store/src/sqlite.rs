@@ -95,7 +95,8 @@ macro_rules! select_events {
 /// The events of a [`StreamSet`] from a position on, in position order:
 /// `?1`/`?2` bound the prefix's range of stream names (`?2` is the least
 /// name above every name with the prefix), `?3` is the exact stream, `?4`
-/// the first position, `?5` the limit. The positions come from the
+/// the first position, `?5` the limit, `?6` the position to stop before
+/// (see [`StreamSetRead`]). The positions come from the
 /// `(stream, revision)` index alone (it holds the rowid, which is the
 /// position): two range searches of it, sorted by a top-`?5` sorter, and
 /// only those rows are read from the table. Written so rather than as one
@@ -113,38 +114,85 @@ macro_rules! select_stream_set {
         select_events!(
             "WHERE position IN (\
                 SELECT position FROM events INDEXED BY sqlite_autoindex_events_2 \
-                    WHERE stream >= ?1 AND stream < ?2 AND stream <> ?3 AND +position >= ?4 \
+                    WHERE stream >= ?1 AND stream < ?2 AND stream <> ?3 \
+                        AND +position >= ?4 AND +position < ?6 \
                 UNION ALL \
                 SELECT position FROM events INDEXED BY sqlite_autoindex_events_2 \
-                    WHERE stream = ?3 AND +position >= ?4 \
+                    WHERE stream = ?3 AND +position >= ?4 AND +position < ?6 \
                 ORDER BY position LIMIT ?5) \
              ORDER BY position"
         )
     };
 }
 
-/// The bound parameters of [`select_stream_set!`], or `None` for a read
-/// of nothing.
-fn stream_set_params(
-    streams: &StreamSet,
-    read: ReadAll,
-) -> Option<(String, rusqlite::types::Value, String, i64, i64)> {
-    if read.limit == 0 {
-        return None;
+/// One [`EventStore::read_streams`] on SQLite. Every query of
+/// [`select_stream_set!`] walks the set's whole range of the index (its
+/// key is the stream, not the position), so the cost that grows with the
+/// set is that walk, paid once per query; what a window of positions
+/// (`?4..?6`) bounds is the sort: only the window's events are sorted, not
+/// every one after `from` (a third of a chunk's time for an institution
+/// holding a tenth of a million-event log). The window starts at
+/// [`Self::FIRST_WINDOW`] times the limit and grows fourfold while it
+/// comes back short, so a sparse set takes a few walks of its (small)
+/// range.
+struct StreamSetRead {
+    lo: String,
+    hi: rusqlite::types::Value,
+    exact: String,
+    from: i64,
+    limit: i64,
+}
+
+impl StreamSetRead {
+    const FIRST_WINDOW: i64 = 16;
+
+    /// `None` for a read of nothing.
+    fn new(streams: &StreamSet, read: ReadAll) -> Option<Self> {
+        if read.limit == 0 {
+            return None;
+        }
+        let hi = match prefix_successor(streams.prefix()) {
+            Some(above) => rusqlite::types::Value::Text(above),
+            // No text is above every name with the prefix; a blob sorts
+            // after every text.
+            None => rusqlite::types::Value::Blob(Vec::new()),
+        };
+        Some(Self {
+            lo: streams.prefix().to_owned(),
+            hi,
+            exact: streams.exact().to_owned(),
+            from: sql::to_i64(read.from, "position")
+                .unwrap_or(i64::MAX)
+                .max(1),
+            limit: sql::limit_to_i64(read.limit),
+        })
     }
-    let above = match prefix_successor(streams.prefix()) {
-        Some(above) => rusqlite::types::Value::Text(above),
-        // No text is above every name with the prefix; a blob sorts after
-        // every text.
-        None => rusqlite::types::Value::Blob(Vec::new()),
-    };
-    Some((
-        streams.prefix().to_owned(),
-        above,
-        streams.exact().to_owned(),
-        sql::to_i64(read.from, "position").unwrap_or(i64::MAX),
-        sql::limit_to_i64(read.limit),
-    ))
+
+    /// Hands each row to `row`, in position order, up to the limit or the
+    /// head as it was when the read began.
+    fn run(
+        self,
+        conn: &Connection,
+        mut row: impl FnMut(&Row<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let head = sql::to_i64(read_head(conn)?, "position")?;
+        let mut stmt = conn.prepare_cached(select_stream_set!())?;
+        let mut from = self.from;
+        let mut left = self.limit;
+        let mut window = self.limit.saturating_mul(Self::FIRST_WINDOW);
+        while left > 0 && from <= head {
+            let until = from.saturating_add(window);
+            let mut rows = stmt.query(params![self.lo, self.hi, self.exact, from, left, until])?;
+            while let Some(r) = rows.next()? {
+                row(r)?;
+                left -= 1;
+            }
+            // Short (or the loop ends): the window held no more.
+            from = until;
+            window = window.saturating_mul(4);
+        }
+        Ok(())
+    }
 }
 
 /// The least text above every text starting with `prefix` in SQLite's
@@ -448,15 +496,18 @@ impl EventStore for SqliteEventStore {
         streams: &StreamSet,
         read: ReadAll,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let Some(params) = stream_set_params(streams, read) else {
+        let Some(read) = StreamSetRead::new(streams, read) else {
             return Ok(Vec::new());
         };
         self.inner
             .readers
             .run(move |conn| {
-                let mut stmt = conn.prepare_cached(select_stream_set!())?;
-                let (lo, hi, exact, from, limit) = params;
-                collect_events(stmt.query(params![lo, hi, exact, from, limit])?)
+                let mut events = Vec::new();
+                read.run(conn, |row| {
+                    events.push(decode_event(row)?);
+                    Ok(())
+                })?;
+                Ok(events)
             })
             .await
     }
@@ -468,18 +519,13 @@ impl EventStore for SqliteEventStore {
         mut buf: RawEvents,
     ) -> Result<RawEvents, StoreError> {
         buf.clear();
-        let Some(params) = stream_set_params(streams, read) else {
+        let Some(read) = StreamSetRead::new(streams, read) else {
             return Ok(buf);
         };
         self.inner
             .readers
             .run(move |conn| {
-                let mut stmt = conn.prepare_cached(select_stream_set!())?;
-                let (lo, hi, exact, from, limit) = params;
-                let mut rows = stmt.query(params![lo, hi, exact, from, limit])?;
-                while let Some(row) = rows.next()? {
-                    push_raw(&mut buf, row)?;
-                }
+                read.run(conn, |row| push_raw(&mut buf, row))?;
                 Ok(buf)
             })
             .await
