@@ -34,7 +34,7 @@ use uuid::Uuid;
 
 use crate::{
     AppendError, AppendOutcome, EventMetadata, EventStore, ExpectedRevision, NewEvent, Position,
-    ReadAll, RecordedEvent, Subscription,
+    ReadAll, RecordedEvent, StreamSet, Subscription,
 };
 
 /// A store under test and whatever must outlive it (a temp dir, a
@@ -109,6 +109,7 @@ macro_rules! contract_tests {
             subscribe_from_start_while_appending,
             subscribe_from_middle_while_appending,
             read_all_paging_covers_the_log_once,
+            read_streams_pages_one_set_of_streams_in_log_order,
             head_of_empty_store_is_zero,
             healthy_store_is_writable,
         );
@@ -864,6 +865,67 @@ pub async fn read_all_paging_covers_the_log_once(store: Arc<dyn EventStore>) {
             .expect("read_all")
             .is_empty()
     );
+}
+
+/// `read_streams`: the events of streams with a prefix, or of one exact
+/// stream, in position order from `from`, paged by `limit`; lookalike
+/// names (`learner-12-…` for the prefix `learner-1-`) are not in the set.
+pub async fn read_streams_pages_one_set_of_streams_in_log_order(store: Arc<dyn EventStore>) {
+    let store = store.as_ref();
+    let streams = [
+        "learner-1-7",
+        "learner-12-7",
+        "institution-1",
+        "learner-1-8",
+        "institution-12",
+        "learner-1",
+        "learner-10-1",
+        "other",
+    ];
+    for n in 0..40u64 {
+        let stream = streams[(n as usize * 3) % streams.len()];
+        append_ok(store, stream, ExpectedRevision::Any, vec![simple(n)]).await;
+    }
+    let set = StreamSet::new("learner-1-", "institution-1");
+    let expected: Vec<RecordedEvent> = all_events(store)
+        .await
+        .into_iter()
+        .filter(|e| set.contains(e.stream.as_bytes()))
+        .collect();
+    assert_eq!(
+        expected
+            .iter()
+            .map(|e| e.stream.as_str())
+            .collect::<BTreeSet<_>>(),
+        BTreeSet::from(["institution-1", "learner-1-7", "learner-1-8"])
+    );
+    for limit in [1, 4, 100] {
+        let mut from = 0;
+        let mut paged = Vec::new();
+        loop {
+            let page = store
+                .read_streams(&set, ReadAll { from, limit })
+                .await
+                .expect("read_streams");
+            assert!(page.len() <= limit);
+            let Some(last) = page.last() else { break };
+            from = last.position + 1;
+            paged.extend(page);
+        }
+        assert_eq!(paged, expected, "paging by {limit}");
+    }
+    let middle = expected[expected.len() / 2].position;
+    let from_middle = store
+        .read_streams(
+            &set,
+            ReadAll {
+                from: middle,
+                limit: 100,
+            },
+        )
+        .await
+        .expect("read_streams");
+    assert_eq!(from_middle, expected[expected.len() / 2..]);
 }
 
 pub async fn head_of_empty_store_is_zero(store: Arc<dyn EventStore>) {
