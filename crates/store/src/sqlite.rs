@@ -564,17 +564,14 @@ async fn read_all(
     readers: &Arc<ReadPool>,
     read: ReadAll,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
-    if read.limit == 0 {
-        return Ok(Vec::new());
-    }
-    let from = sql::to_i64(read.from, "position").unwrap_or(i64::MAX);
-    let limit = sql::limit_to_i64(read.limit);
     readers
         .run(move |conn| {
-            let mut stmt = conn.prepare_cached(select_events!(
-                "WHERE position >= ?1 ORDER BY position LIMIT ?2"
-            ))?;
-            collect_events(stmt.query(params![from, limit])?)
+            let mut events = Vec::new();
+            each_in_log(conn, read, |row| {
+                events.push(decode_event(row)?);
+                Ok(())
+            })?;
+            Ok(events)
         })
         .await
 }
@@ -588,23 +585,34 @@ async fn read_all_raw(
     mut buf: RawEvents,
 ) -> Result<RawEvents, StoreError> {
     buf.clear();
-    if read.limit == 0 {
-        return Ok(buf);
-    }
-    let from = sql::to_i64(read.from, "position").unwrap_or(i64::MAX);
-    let limit = sql::limit_to_i64(read.limit);
     readers
         .run(move |conn| {
-            let mut stmt = conn.prepare_cached(select_events!(
-                "WHERE position >= ?1 ORDER BY position LIMIT ?2"
-            ))?;
-            let mut rows = stmt.query(params![from, limit])?;
-            while let Some(row) = rows.next()? {
-                push_raw(&mut buf, row)?;
-            }
+            each_in_log(conn, read, |row| push_raw(&mut buf, row))?;
             Ok(buf)
         })
         .await
+}
+
+/// Hands each event of `read` (positions from `read.from`, at most
+/// `read.limit`) to `row`, in position order.
+fn each_in_log(
+    conn: &Connection,
+    read: ReadAll,
+    mut row: impl FnMut(&Row<'_>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    if read.limit == 0 {
+        return Ok(());
+    }
+    let from = sql::to_i64(read.from, "position").unwrap_or(i64::MAX);
+    let limit = sql::limit_to_i64(read.limit);
+    let mut stmt = conn.prepare_cached(select_events!(
+        "WHERE position >= ?1 ORDER BY position LIMIT ?2"
+    ))?;
+    let mut rows = stmt.query(params![from, limit])?;
+    while let Some(r) = rows.next()? {
+        row(r)?;
+    }
+    Ok(())
 }
 
 fn push_raw(buf: &mut RawEvents, row: &Row<'_>) -> Result<(), StoreError> {
