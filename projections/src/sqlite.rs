@@ -341,12 +341,20 @@ impl Drop for Checkpointer {
 }
 
 /// Opens a generation for a handle that follows the current pointer: with
-/// a background checkpointer its commits leave checkpoints to it.
+/// a background checkpointer its commits leave checkpoints to it, but for
+/// one past [`tracker_store::WAL_RESTART_FRAMES`] pages of WAL, which lets
+/// the WAL start over (a checkpoint from another connection never does
+/// while the projector commits back to back, and the WAL would grow for
+/// the whole of a catch-up).
 fn open_live(path: &Path, checkpointer: bool) -> Result<Connection, ReadStoreError> {
     let conn = open(path, GENERATION_MIGRATIONS)?;
     if checkpointer {
-        conn.pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(storage)?;
+        conn.pragma_update(
+            None,
+            "wal_autocheckpoint",
+            tracker_store::WAL_RESTART_FRAMES,
+        )
+        .map_err(storage)?;
     }
     Ok(conn)
 }

@@ -33,6 +33,11 @@ pub(crate) enum Durability {
     Normal,
 }
 
+/// WAL pages (frames, 64 MiB of 4 KiB pages) after which a writer whose
+/// checkpoints run on another connection checkpoints itself, so that its
+/// WAL starts over: see [`crate::sqlite::SqliteOptions::wal_restart_frames`].
+pub const WAL_RESTART_FRAMES: u32 = 16_384;
+
 /// Opens (creating file and parent directory) the one read-write connection
 /// of a database, in WAL mode, and brings its schema up to date.
 pub(crate) fn open_writer(
