@@ -35,7 +35,10 @@ pub struct Accepted {
 }
 
 /// The request id: the caller's `X-Request-Id` when it is a sane token,
-/// otherwise a new one.
+/// otherwise a new one. New ones are UUID v7 (time-ordered): the delivery
+/// log indexes request ids, and ordered keys append to that index where
+/// random ones (v4) dirtied a random page of it per delivery (written to
+/// disk twice, at commit and at checkpoint: ~5 KB per delivery).
 pub fn request_id(headers: &HeaderMap) -> String {
     headers
         .get("x-request-id")
@@ -47,7 +50,7 @@ pub fn request_id(headers: &HeaderMap) -> String {
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         })
         .map(str::to_owned)
-        .unwrap_or_else(|| Uuid::new_v4().to_string())
+        .unwrap_or_else(|| Uuid::now_v7().to_string())
 }
 
 /// What one call did, for the answer and the delivery log.
@@ -366,4 +369,36 @@ async fn finish(
             .insert(header::HeaderName::from_static("x-request-id"), v);
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::header::{HeaderName, HeaderValue};
+
+    use super::*;
+
+    #[test]
+    fn a_sane_caller_request_id_is_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            HeaderName::from_static("x-request-id"),
+            HeaderValue::from_static("toolzz-42.a_b"),
+        );
+        assert_eq!(request_id(&headers), "toolzz-42.a_b");
+        headers.insert(
+            HeaderName::from_static("x-request-id"),
+            HeaderValue::from_static("no spaces"),
+        );
+        assert_ne!(request_id(&headers), "no spaces");
+    }
+
+    /// New request ids are the delivery log's index keys: they must come
+    /// in increasing order so that they append to the index.
+    #[test]
+    fn new_request_ids_increase() {
+        let headers = HeaderMap::new();
+        let ids: Vec<String> = (0..2_000).map(|_| request_id(&headers)).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "not increasing");
+        assert!(ids.iter().all(|id| Uuid::parse_str(id).is_ok()));
+    }
 }
