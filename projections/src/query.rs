@@ -748,8 +748,19 @@ pub(crate) fn completions_sql(
     page: &PageRequest<CompletionSort, CompletionKey>,
 ) -> Result<(String, Vec<Param>), QueryError> {
     let mut params = vec![Param::Int(sql_id(institution))];
-    let mut sql =
-        format!("SELECT {COMPLETION_COLUMNS} FROM {{s}}lrn_completions WHERE institution_id = $1");
+    // A time window in position order has no index in that order: its
+    // rows are found by time and sorted. Then sort only their positions,
+    // read from the time index alone, and fetch the page's rows by
+    // position, rather than fetch every row of the window to sort it
+    // (4,400 rows of the largest institution for a month, to answer 50).
+    let window_by_position =
+        page.sort == CompletionSort::Position && (filter.from.is_some() || filter.to.is_some());
+    let columns = if window_by_position {
+        "position"
+    } else {
+        COMPLETION_COLUMNS
+    };
+    let mut sql = format!("SELECT {columns} FROM {{s}}lrn_completions WHERE institution_id = $1");
     let mut bind = |sql: &mut String, clause: &str, value: Param| {
         params.push(value);
         sql.push_str(&clause.replace('?', &format!("${}", params.len())));
@@ -798,6 +809,12 @@ pub(crate) fn completions_sql(
         CompletionSort::FinishedAt => " ORDER BY finished_at, position",
     });
     bind(&mut sql, " LIMIT ?", Param::Int(limit_param(page.limit)));
+    if window_by_position {
+        sql = format!(
+            "SELECT {COMPLETION_COLUMNS} FROM {{s}}lrn_completions \
+             WHERE position IN ({sql}) ORDER BY position"
+        );
+    }
     Ok((sql, params))
 }
 

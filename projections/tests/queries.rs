@@ -363,6 +363,25 @@ async fn both_backends_answer_every_query_the_same() {
                     if let (Some(from), true) = (filter.from, institution != unknown) {
                         assert!(rows.iter().all(|r| r.finished_at >= from));
                     }
+                    if sort == CompletionSort::Position {
+                        // The events themselves say which rows a filter
+                        // takes, in position order (whole-second times).
+                        let expected: Vec<u64> = events
+                            .iter()
+                            .filter(|c| {
+                                c.institution_id == institution
+                                    && filter.user_id.is_none_or(|u| c.user_id == u)
+                                    && filter.trail_id.is_none_or(|t| c.trail_id == t)
+                                    && filter.from.is_none_or(|f| c.finished_at >= f)
+                                    && filter.to.is_none_or(|t| c.finished_at < t)
+                            })
+                            .map(|c| c.position)
+                            .collect::<std::collections::BTreeSet<_>>()
+                            .into_iter()
+                            .collect();
+                        let got: Vec<u64> = rows.iter().map(|r| r.position).collect();
+                        assert_eq!(got, expected, "completions {filter:?} limit {limit}");
+                    }
                 }
             }
         }

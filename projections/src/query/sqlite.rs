@@ -550,4 +550,57 @@ mod tests {
             }
         }
     }
+
+    /// A time window in position order is the one page that sorts: only
+    /// positions, from the time index alone, then the page's rows by key.
+    #[test]
+    fn a_time_window_in_position_order_sorts_positions_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = SqliteReadStore::open(dir.path()).unwrap();
+        let queries = SqliteQueries::open(dir.path()).unwrap();
+        let generation = queries.inner.generation().unwrap();
+        let conn = generation.checkout().unwrap();
+        let t = chrono::DateTime::parse_from_rfc3339("2024-01-01T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        for filter in [
+            CompletionFilter {
+                from: Some(t),
+                to: Some(t),
+                ..Default::default()
+            },
+            CompletionFilter {
+                from: Some(t),
+                user_id: Some(3),
+                ..Default::default()
+            },
+        ] {
+            let page = PageRequest {
+                sort: CompletionSort::Position,
+                after: None,
+                limit: 50,
+            };
+            let (sql, params) = completions_sql(7, &filter, &page).unwrap();
+            let sql = render(&sql, Dialect::Sqlite, "");
+            let params = bound(params);
+            let refs: Vec<&dyn ToSql> = params.iter().map(|p| p as &dyn ToSql).collect();
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let plan: Vec<String> = stmt
+                .query_map(refs.as_slice(), |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(
+                plan[0], "SEARCH lrn_completions USING INTEGER PRIMARY KEY (rowid=?)",
+                "{sql}\n{plan:?}"
+            );
+            let index_reads: Vec<&String> =
+                plan.iter().filter(|l| l.starts_with("SEARCH ")).collect();
+            assert_eq!(index_reads.len(), 2, "{plan:?}");
+            assert!(
+                index_reads[1].contains("USING COVERING INDEX"),
+                "the window is read from the table: {plan:?}"
+            );
+        }
+    }
 }
