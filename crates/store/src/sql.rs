@@ -33,9 +33,10 @@ pub(crate) enum Durability {
     Normal,
 }
 
-/// WAL pages (frames, 64 MiB of 4 KiB pages) after which a writer whose
-/// checkpoints run on another connection checkpoints itself, so that its
-/// WAL starts over: see [`crate::sqlite::SqliteOptions::wal_restart_frames`].
+/// WAL size in pages (frames; 64 MiB of 4 KiB pages) past which a database
+/// whose checkpoints run on another connection has its writer checkpoint
+/// too, so that the WAL starts over: a checkpoint from another connection
+/// never rewinds the WAL of a writer that commits back to back.
 pub const WAL_RESTART_FRAMES: u32 = 16_384;
 
 /// Opens (creating file and parent directory) the one read-write connection

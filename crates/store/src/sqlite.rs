@@ -235,17 +235,12 @@ pub struct SqliteOptions {
     /// How long the writer waits for a lock held by another process (an
     /// operator's sqlite3 session) before failing the group.
     pub busy_timeout: Duration,
-    /// WAL pages (frames) after which the writer runs a checkpoint itself,
-    /// which rewinds the WAL. The background checkpointer copies the WAL
-    /// into the file every 100 ms, but a checkpoint from another
-    /// connection never lets the WAL start over while the writer commits
-    /// back to back (SQLite rewinds only when a writer begins and finds
-    /// every frame copied): under sustained appends the WAL grew by every
-    /// page written (3.4 GB after 300k events), and each frame went into a
-    /// new file block that the kernel zeroes first (a fifth of the writer's
-    /// CPU in the ingest profile). The writer's own checkpoint copies only
-    /// what was written since the last background pass, then the next
-    /// commit overwrites the WAL from its start.
+    /// How often the background checkpointer copies the WAL into the
+    /// database file (see `Checkpointer`: a longer interval writes fewer
+    /// bytes, a shorter one keeps the WAL smaller).
+    pub checkpoint_interval: Duration,
+    /// WAL size, in pages (frames), above which the WAL is made to start
+    /// over once the checkpointer has copied it (see `Checkpointer`).
     pub wal_restart_frames: u32,
 }
 
@@ -258,6 +253,7 @@ impl Default for SqliteOptions {
             subscription_batch: 512,
             poll_interval: Duration::from_millis(20),
             busy_timeout: sql::BUSY_TIMEOUT,
+            checkpoint_interval: Duration::from_secs(1),
             wal_restart_frames: sql::WAL_RESTART_FRAMES,
         }
     }
@@ -335,6 +331,7 @@ impl SqliteEventStore {
             path: path.clone(),
             head: head_tx,
             max_batch: options.max_batch.max(1),
+            checkpoint_interval: options.checkpoint_interval,
             wal_restart_frames: options.wal_restart_frames,
             stopped_cleanly: Arc::clone(&stopped_cleanly),
             counters: Arc::clone(&counters),
@@ -815,6 +812,7 @@ struct Writer {
     path: PathBuf,
     head: watch::Sender<Position>,
     max_batch: usize,
+    checkpoint_interval: Duration,
     wal_restart_frames: u32,
     stopped_cleanly: Arc<AtomicBool>,
     counters: Arc<Counters>,
@@ -851,23 +849,22 @@ impl From<StoreError> for Refusal {
 impl Writer {
     fn run(mut self, mut requests: mpsc::Receiver<Request>) {
         // WAL checkpoints run on their own thread and connection, so a
-        // commit rarely waits for pages to be copied into the database file.
-        // Without it (it failed to start), the writer checkpoints itself.
-        // With it, the writer still checkpoints past `wal_restart_frames`:
-        // see `SqliteOptions::wal_restart_frames`.
-        let checkpointer = match Checkpointer::start(&self.path) {
-            Ok(c) => {
-                match self
-                    .conn
-                    .pragma_update(None, "wal_autocheckpoint", self.wal_restart_frames)
-                {
-                    Ok(()) => Some(c),
-                    Err(err) => {
-                        tracing::warn!(error = %err, "event store: keeping checkpoints on the writer");
-                        None
-                    }
+        // commit never copies the WAL into the file; the writer only runs
+        // the short checkpoint that lets the WAL start over when the
+        // checkpointer asks (see `Checkpointer`). Without a checkpointer
+        // (it failed to start), the writer checkpoints itself.
+        let checkpointer = match Checkpointer::start(
+            &self.path,
+            self.checkpoint_interval,
+            self.wal_restart_frames,
+        ) {
+            Ok(c) => match self.conn.pragma_update(None, "wal_autocheckpoint", 0) {
+                Ok(()) => Some(c),
+                Err(err) => {
+                    tracing::warn!(error = %err, "event store: keeping checkpoints on the writer");
+                    None
                 }
-            }
+            },
             Err(err) => {
                 tracing::warn!(error = %err, "event store: no background checkpointer; the writer checkpoints");
                 None
@@ -910,6 +907,14 @@ impl Writer {
             }
             if !appends.is_empty() {
                 self.commit_group(std::mem::take(&mut appends));
+            }
+            if let Some(c) = &checkpointer
+                && c.rewind.swap(false, Ordering::AcqRel)
+                && let Err(err) = self
+                    .conn
+                    .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            {
+                tracing::warn!(error = %err, "event store: checkpoint before rewinding the WAL failed");
             }
         }
         drop(checkpointer);
@@ -993,33 +998,56 @@ impl Writer {
     }
 }
 
-/// Copies the WAL into the database file every 100 ms from a connection of
-/// its own (`PRAGMA wal_checkpoint(PASSIVE)`: it never blocks the writer or
-/// readers), fsyncing the file (`synchronous=FULL`). Stopped, and a last
-/// full checkpoint run, when dropped.
+/// Copies the WAL into the database file from a connection and thread of
+/// its own, every `every` (`PRAGMA wal_checkpoint(PASSIVE)`: it never
+/// blocks the writer or readers), fsyncing the file (`synchronous=FULL`).
+/// Stopped, and a last full checkpoint run, when dropped.
+///
+/// A page rewritten by many commits between two passes is copied once, so
+/// a longer interval writes fewer bytes: appends dirty a random leaf of the
+/// id index and of the stream index each, and at 100 ms those leaves were
+/// copied about once per event, at 1 s several events share each copy.
+///
+/// A checkpoint from another connection never makes the WAL start over
+/// while the writer commits back to back (SQLite rewinds only when a writer
+/// begins and finds every frame copied): under sustained appends the WAL
+/// grew by every page written (3.4 GB after 300k events), each frame going
+/// into a new file block that the kernel zeroes first (a fifth of the
+/// writer's CPU). So once the WAL holds more than `rewind_above` frames, a
+/// pass repeats until it has nearly caught up and then raises `rewind`; the
+/// writer, between two groups, checkpoints the few frames written since
+/// (no other writer can add any meanwhile), and its next commit rewinds.
 struct Checkpointer {
     stop: std::sync::mpsc::Sender<()>,
     handle: Option<JoinHandle<()>>,
+    rewind: Arc<AtomicBool>,
 }
 
 impl Checkpointer {
-    const EVERY: Duration = Duration::from_millis(100);
+    /// Frames left to copy below which a pass counts as caught up.
+    const CAUGHT_UP: i64 = 1_024;
+    /// Passes per round at most, caught up or not.
+    const MAX_PASSES: usize = 4;
 
-    fn start(path: &Path) -> Result<Self, StoreError> {
+    fn start(path: &Path, every: Duration, rewind_above: u32) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        let rewind = Arc::new(AtomicBool::new(false));
+        let wanted = Arc::clone(&rewind);
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let handle = std::thread::Builder::new()
             .name("event-store-checkpointer".into())
             .spawn(move || {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(Self::EVERY)
+                    stopped.recv_timeout(every)
                 {
-                    if let Err(err) =
-                        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                    {
-                        tracing::warn!(error = %err, "event store checkpoint failed");
+                    match Self::round(&conn) {
+                        Ok(frames) if frames > i64::from(rewind_above) => {
+                            wanted.store(true, Ordering::Release);
+                        }
+                        Ok(_) => {}
+                        Err(err) => tracing::warn!(error = %err, "event store checkpoint failed"),
                     }
                 }
                 if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
@@ -1031,7 +1059,24 @@ impl Checkpointer {
         Ok(Self {
             stop,
             handle: Some(handle),
+            rewind,
         })
+    }
+
+    /// Passive passes until nearly caught up; the WAL's size in frames.
+    fn round(conn: &Connection) -> rusqlite::Result<i64> {
+        let mut frames = 0;
+        for _ in 0..Self::MAX_PASSES {
+            let (log, copied): (i64, i64) =
+                conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                    Ok((row.get(1)?, row.get(2)?))
+                })?;
+            frames = log;
+            if log - copied < Self::CAUGHT_UP {
+                break;
+            }
+        }
+        Ok(frames)
     }
 }
 
