@@ -187,7 +187,12 @@ pub struct ProjectorConfig {
 impl Default for ProjectorConfig {
     fn default() -> Self {
         Self {
-            batch_size: 5_000,
+            // Measured: a catching-up projector (400k events, alone) wrote
+            // 60 KB per event to disk at 1,000 a batch, 31 KB at 5,000 and
+            // 11 KB at 20,000 (pages shared by a batch's events are
+            // written once), applying 7.8k, 13.4k and 19.4k events/s;
+            // peak memory 220 MiB -> 370 MiB.
+            batch_size: 20_000,
             on_error: OnErrorSetting::DeadLetter,
             lease_ttl_secs: 15,
         }
@@ -453,7 +458,7 @@ mod tests {
                 Some("postgres://db/tracker")
             );
             assert_eq!(c.projector.on_error, OnErrorSetting::Stop);
-            assert_eq!(c.projector.batch_size, 5000);
+            assert_eq!(c.projector.batch_size, 20_000);
             assert_eq!(c.sources.len(), 2);
             let inst = InstitutionId::try_from(12345).map_err(|e| e.to_string())?;
             let other = InstitutionId::try_from(1).map_err(|e| e.to_string())?;
