@@ -520,25 +520,35 @@ mod tests {
     use super::*;
     use crate::sqlite::SqliteReadStore;
 
+    /// A read connection to a new, empty read store (and the directory
+    /// that holds it).
+    fn empty_store() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = SqliteReadStore::open(dir.path()).unwrap();
+        let queries = SqliteQueries::open(dir.path()).unwrap();
+        let conn = queries.inner.generation().unwrap().checkout().unwrap();
+        (dir, conn)
+    }
+
+    /// SQLite's plan of a statement, one line per step.
+    fn plan_of(conn: &Connection, sql: &str, params: Vec<Param>) -> Vec<String> {
+        let sql = render(sql, Dialect::Sqlite, "");
+        let params = bound(params);
+        let refs: Vec<&dyn ToSql> = params.iter().map(|p| p as &dyn ToSql).collect();
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        stmt.query_map(refs.as_slice(), |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
     /// Every statement reads an index range (`SEARCH`), never a whole table
     /// or a sort of its rows, except the checkpoints (a handful of rows).
     #[test]
     fn every_query_is_an_index_range() {
-        let dir = tempfile::tempdir().unwrap();
-        let _store = SqliteReadStore::open(dir.path()).unwrap();
-        let queries = SqliteQueries::open(dir.path()).unwrap();
-        let generation = queries.inner.generation().unwrap();
-        let conn = generation.checkout().unwrap();
+        let (_dir, conn) = empty_store();
         for (sql, params) in plan_samples() {
-            let sql = render(&sql, Dialect::Sqlite, "");
-            let params = bound(params);
-            let refs: Vec<&dyn ToSql> = params.iter().map(|p| p as &dyn ToSql).collect();
-            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-            let plan: Vec<String> = stmt
-                .query_map(refs.as_slice(), |r| r.get::<_, String>(3))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
+            let plan = plan_of(&conn, &sql, params);
             for line in &plan {
                 assert!(
                     line.starts_with("SEARCH ")
@@ -555,11 +565,7 @@ mod tests {
     /// positions, from the time index alone, then the page's rows by key.
     #[test]
     fn a_time_window_in_position_order_sorts_positions_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let _store = SqliteReadStore::open(dir.path()).unwrap();
-        let queries = SqliteQueries::open(dir.path()).unwrap();
-        let generation = queries.inner.generation().unwrap();
-        let conn = generation.checkout().unwrap();
+        let (_dir, conn) = empty_store();
         let t = chrono::DateTime::parse_from_rfc3339("2024-01-01T10:00:00Z")
             .unwrap()
             .with_timezone(&Utc);
@@ -581,15 +587,7 @@ mod tests {
                 limit: 50,
             };
             let (sql, params) = completions_sql(7, &filter, &page).unwrap();
-            let sql = render(&sql, Dialect::Sqlite, "");
-            let params = bound(params);
-            let refs: Vec<&dyn ToSql> = params.iter().map(|p| p as &dyn ToSql).collect();
-            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-            let plan: Vec<String> = stmt
-                .query_map(refs.as_slice(), |r| r.get::<_, String>(3))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
+            let plan = plan_of(&conn, &sql, params);
             assert_eq!(
                 plan[0], "SEARCH lrn_completions USING INTEGER PRIMARY KEY (rowid=?)",
                 "{sql}\n{plan:?}"
