@@ -148,7 +148,7 @@ impl Launcher {
 
     /// Runs `tracker replay` (with `env` added) to the end; returns how long
     /// it took, its peak resident memory and its CPU seconds.
-    pub fn replay(&self, env: &[(&str, String)]) -> Result<(Duration, u64, f64), ChildError> {
+    pub fn replay(&self, env: &[(&str, String)]) -> Result<(Duration, Peak, f64), ChildError> {
         let mut cmd = self.command(&["replay"])?;
         for (k, v) in env {
             cmd.env(k, v);
@@ -226,12 +226,23 @@ impl Drop for Serve {
     }
 }
 
-/// Samples `/proc/<pid>/status` `VmRSS` every 10 ms; [`take_peak`] returns
-/// the largest value since the last call, so each phase gets its own peak.
+/// Resident memory of a process, bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Peak {
+    /// `VmRSS`: everything resident, file pages mapped by the process (the
+    /// read models' mapped pages, shared with the OS page cache) included.
+    pub rss: u64,
+    /// `RssAnon`: the process's own memory (heap, stacks, SQLite caches).
+    pub anon: u64,
+}
+
+/// Samples `/proc/<pid>/status` every 10 ms; [`take_peak`] returns the
+/// largest values since the last call, so each phase gets its own peak.
 ///
 /// [`take_peak`]: MemorySampler::take_peak
 pub struct MemorySampler {
     peak: Arc<AtomicU64>,
+    peak_anon: Arc<AtomicU64>,
     /// CPU time (user + system, clock ticks) at the last sample.
     cpu: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -241,19 +252,22 @@ pub struct MemorySampler {
 impl MemorySampler {
     pub fn start(pid: u32) -> Self {
         let peak = Arc::new(AtomicU64::new(0));
+        let peak_anon = Arc::new(AtomicU64::new(0));
         let cpu = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let path = PathBuf::from(format!("/proc/{pid}/status"));
         let stat = PathBuf::from(format!("/proc/{pid}/stat"));
         let thread = {
-            let (peak, cpu, stop) = (Arc::clone(&peak), Arc::clone(&cpu), Arc::clone(&stop));
+            let (peak, peak_anon) = (Arc::clone(&peak), Arc::clone(&peak_anon));
+            let (cpu, stop) = (Arc::clone(&cpu), Arc::clone(&stop));
             std::thread::Builder::new()
                 .name("rss-sampler".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        match rss_bytes(&path) {
-                            Some(rss) => {
-                                peak.fetch_max(rss, Ordering::Relaxed);
+                        match memory_bytes(&path) {
+                            Some(now) => {
+                                peak.fetch_max(now.rss, Ordering::Relaxed);
+                                peak_anon.fetch_max(now.anon, Ordering::Relaxed);
                                 if let Some(ticks) = cpu_ticks(&stat) {
                                     cpu.store(ticks, Ordering::Relaxed);
                                 }
@@ -267,6 +281,7 @@ impl MemorySampler {
         };
         Self {
             peak,
+            peak_anon,
             cpu,
             stop,
             thread,
@@ -280,18 +295,21 @@ impl MemorySampler {
 
     /// The peak since the last call (or the start), and starts a new window
     /// at the current value.
-    pub fn take_peak(&self) -> u64 {
-        self.peak.swap(0, Ordering::Relaxed)
+    pub fn take_peak(&self) -> Peak {
+        Peak {
+            rss: self.peak.swap(0, Ordering::Relaxed),
+            anon: self.peak_anon.swap(0, Ordering::Relaxed),
+        }
     }
 
     /// Stops sampling; returns the peak of the last window and the CPU
     /// seconds at the last sample.
-    pub fn stop(mut self) -> (u64, f64) {
+    pub fn stop(mut self) -> (Peak, f64) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        (self.peak.load(Ordering::Relaxed), self.cpu_secs())
+        (self.take_peak(), self.cpu_secs())
     }
 }
 
@@ -323,14 +341,24 @@ pub fn own_cpu_secs() -> f64 {
 
 /// `VmRSS` of a process, in bytes; `None` once it is gone.
 pub fn rss_bytes(status: &Path) -> Option<u64> {
+    memory_bytes(status).map(|m| m.rss)
+}
+
+/// `VmRSS` and `RssAnon` of a process; `None` once it is gone.
+pub fn memory_bytes(status: &Path) -> Option<Peak> {
     let text = std::fs::read_to_string(status).ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line
-        .trim_start_matches("VmRSS:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    };
+    Some(Peak {
+        rss: field("VmRSS:")?,
+        anon: field("RssAnon:")?,
+    })
 }

@@ -1188,7 +1188,8 @@ async fn export_phase(
         }
         Err(e) => return Phase::failed(EXPORT_METHOD, format!("GET /v1/events: {e}")),
     };
-    let whole_peak = serve.memory.take_peak().max(rss_before);
+    let whole_mem = serve.memory.take_peak();
+    let whole_peak = whole_mem.rss.max(rss_before);
     let rate = whole.lines as f64 / whole.secs.max(1e-9);
     say(format!(
         "  whole log: {} of {head} events, {:.0} MiB in {:.2}s, {rate:.0} events/s{}, RSS +{:.1} MiB",
@@ -1213,7 +1214,8 @@ async fn export_phase(
         }
         Err(e) => return Phase::failed(EXPORT_METHOD, format!("institution {largest}: {e}")),
     };
-    let one_peak = serve.memory.take_peak().max(rss_before);
+    let one_mem = serve.memory.take_peak();
+    let one_peak = one_mem.rss.max(rss_before);
     let one = ExportOne {
         institution: largest,
         events: one.lines,
@@ -1241,7 +1243,10 @@ async fn export_phase(
         rss_growth_mib: report::mib(whole_peak.saturating_sub(rss_before)),
         largest_institution: one,
     };
-    let peak = whole_peak.max(one_peak);
+    let peak = child::Peak {
+        rss: whole_peak.max(one_peak),
+        anon: whole_mem.anon.max(one_mem.anon),
+    };
     cpu.finish(Some(serve), Phase::ok(EXPORT_METHOD, result, Some(peak)))
 }
 

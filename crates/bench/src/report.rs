@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::child::Peak;
 use crate::stats::Latency;
 
 /// How a phase ended.
@@ -20,6 +21,10 @@ pub struct Phase<T> {
     /// phase, MiB (`tracker serve`, or `tracker replay` for replays).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_mib: Option<f64>,
+    /// Of which the process's own memory (`RssAnon`, peak in the phase):
+    /// the rest is mapped file pages, shared with the OS page cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_anon_mib: Option<f64>,
     /// CPU used during the phase, in % of one core (the machine has
     /// `machine.cores` x 100 %): the measured tracker process ...
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -31,12 +36,13 @@ pub struct Phase<T> {
 }
 
 impl<T> Phase<T> {
-    pub fn ok(method: impl Into<String>, result: T, peak_rss: Option<u64>) -> Self {
+    pub fn ok(method: impl Into<String>, result: T, peak: Option<Peak>) -> Self {
         Self {
             status: "ok".into(),
             method: method.into(),
             result: Some(result),
-            peak_rss_mib: peak_rss.map(mib),
+            peak_rss_mib: peak.map(|p| mib(p.rss)),
+            peak_anon_mib: peak.map(|p| mib(p.anon)),
             server_cpu_pct: None,
             bench_cpu_pct: None,
         }
@@ -56,6 +62,7 @@ impl<T> Phase<T> {
             method: method.into(),
             result: None,
             peak_rss_mib: None,
+            peak_anon_mib: None,
             server_cpu_pct: None,
             bench_cpu_pct: None,
         }
@@ -67,6 +74,7 @@ impl<T> Phase<T> {
             method: method.into(),
             result: None,
             peak_rss_mib: None,
+            peak_anon_mib: None,
             server_cpu_pct: None,
             bench_cpu_pct: None,
         }
@@ -402,9 +410,11 @@ pub fn memory(p: &Phases) -> Vec<Row> {
         let cpu = |v: Option<f64>| v.map_or_else(|| "n/a".into(), |c| format!("{c:.0}%"));
         Row {
             measure: name.into(),
-            result: phase
-                .peak_rss_mib
-                .map_or_else(|| "n/a".into(), |m| format!("{m:.1} MiB")),
+            result: match (phase.peak_rss_mib, phase.peak_anon_mib) {
+                (Some(m), Some(a)) => format!("{m:.1} MiB (own {a:.1})"),
+                (Some(m), None) => format!("{m:.1} MiB"),
+                _ => "n/a".into(),
+            },
             target: process.into(),
             met: format!(
                 "CPU: tracker {}, bench {}",
@@ -478,14 +488,14 @@ pub fn render(report: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "\npeak resident memory and CPU (% of one core; {} cores = {}%):",
+        "\npeak resident memory (own = RssAnon, the rest mapped file pages) and CPU (% of one core; {} cores = {}%):",
         report.machine.cores,
         report.machine.cores * 100
     );
     for r in &report.memory {
         let _ = writeln!(
             out,
-            "  {:<38} {:>11}  {:<30} {}",
+            "  {:<38} {:>24}  {:<30} {}",
             r.measure, r.result, r.target, r.met
         );
     }

@@ -101,6 +101,11 @@ fn every_phase_completes_and_reports_numbers() {
     assert_eq!(head, 2000.0 - dups, "redeliveries append nothing");
     assert_eq!(ingest["duplicates_answered"].as_f64(), Some(dups));
     positive(&report["phases"]["ingest"], "peak_rss_mib");
+    for phase in ["ingest", "replay_sqlite", "fixed_rate"] {
+        let own = positive(&report["phases"][phase], "peak_anon_mib");
+        let rss = positive(&report["phases"][phase], "peak_rss_mib");
+        assert!(own <= rss, "{phase}: own memory {own} > resident {rss}");
+    }
 
     for phase in ["replay_sqlite", "replay_postgres"] {
         let r = ok(&report, phase);
