@@ -23,19 +23,7 @@ use super::*;
 use crate::plan::ProjectionKind;
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle read connections kept per generation. Enough for every blocking
-/// thread a busy API runs at once: a connection dropped and reopened loses
-/// its mapping and page cache (with 8, a 16-connection load reopened
-/// connections all the time and a mapped one-learner read went from 3 to
-/// 10 ms at p99).
-const MAX_IDLE: usize = 64;
-/// How much of a generation file each read connection maps into memory
-/// (SQLite's largest, 2 GiB less 64 KiB; the rest of a larger file is read
-/// as before). Pages are then used in place in the OS page cache instead of
-/// copied by a `pread` into the connection's own cache, which profiled at
-/// about a sixth of a one-learner answer. Mapped file pages count in the
-/// resident size once touched; they are the OS page cache, not heap.
-const READ_MMAP_BYTES: i64 = 0x7fff_0000;
+const MAX_IDLE: usize = 8;
 
 struct Generation {
     name: String,
@@ -71,8 +59,6 @@ fn open_read_only(path: &Path) -> Result<Connection, QueryError> {
     .map_err(|e| storage(format!("opening {} for reading: {e}", path.display())))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
     conn.set_prepared_statement_cache_capacity(64);
-    conn.pragma_update(None, "mmap_size", READ_MMAP_BYTES)
-        .map_err(storage)?;
     // Without the query planner stability guarantee SQLite re-plans a cached
     // statement whenever its bound values change, which profiled at about a
     // quarter of a one-learner query; the plans here do not depend on values.
@@ -554,38 +540,6 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap()
-    }
-
-    #[test]
-    fn read_connections_map_the_file() {
-        let (_dir, conn) = empty_store();
-        let mapped: i64 = conn
-            .query_row("PRAGMA mmap_size", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(mapped, READ_MMAP_BYTES);
-    }
-
-    /// Every connection a burst of concurrent reads opened stays open for
-    /// the next burst, up to [`MAX_IDLE`].
-    #[test]
-    fn a_burst_of_reads_keeps_its_connections() {
-        let dir = tempfile::tempdir().unwrap();
-        let _store = SqliteReadStore::open(dir.path()).unwrap();
-        let queries = SqliteQueries::open(dir.path()).unwrap();
-        let generation = queries.inner.generation().unwrap();
-        let burst = 32;
-        let conns: Vec<_> = (0..burst).map(|_| generation.checkout().unwrap()).collect();
-        for conn in conns {
-            generation.checkin(conn);
-        }
-        assert_eq!(generation.idle.lock().unwrap().len(), burst);
-        let more: Vec<_> = (0..MAX_IDLE + 3)
-            .map(|_| generation.checkout().unwrap())
-            .collect();
-        for conn in more {
-            generation.checkin(conn);
-        }
-        assert_eq!(generation.idle.lock().unwrap().len(), MAX_IDLE);
     }
 
     /// Every statement reads an index range (`SEARCH`), never a whole table
