@@ -72,6 +72,10 @@ pub(crate) fn open_writer(
     };
     conn.pragma_update(None, "synchronous", sync)?;
     conn.set_prepared_statement_cache_capacity(32);
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     // Appends touch random pages of the id and stream indexes. A larger page
     // cache keeps them in memory, and checkpointing every 10,000 WAL pages
     // (~40 MiB) instead of SQLite's 1,000 lets a page rewritten by many

@@ -1311,3 +1311,63 @@ mod raw_tests {
         assert!(empty.is_empty());
     }
 }
+
+#[cfg(test)]
+mod writer_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The writer's statements are compiled once, not again at every
+    /// append: without the query planner stability guarantee SQLite
+    /// re-prepared one of them whenever its bound values changed (once per
+    /// append, a third of the writer's instructions).
+    #[test]
+    fn appends_reuse_their_compiled_statements() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = sql::open_writer(
+            &dir.path().join("events.sqlite"),
+            Durability::Full,
+            Duration::from_secs(1),
+            MIGRATIONS,
+        )
+        .unwrap();
+        let mut head = 0;
+        for n in 0..20u64 {
+            let (reply, _answer) = oneshot::channel();
+            let request = PendingAppend {
+                stream: format!("learner-{}-{n}", n % 3),
+                expected: ExpectedRevision::Any,
+                events: vec![NewEvent {
+                    id: Uuid::from_u128(u128::from(n) + 1),
+                    event_type: "TrailCompleted".into(),
+                    schema_version: 1,
+                    data: format!("{{\"n\":{n}}}"),
+                    metadata: EventMetadata {
+                        received_at: chrono::Utc::now(),
+                        source_id: "test".into(),
+                        request_id: n.to_string(),
+                        content_hash: format!("sha256:{n}"),
+                    },
+                }],
+                reply,
+            };
+            let Ok((_, new_head)) = apply_one(&conn, head, &request) else {
+                panic!("append {n} refused");
+            };
+            head = new_head;
+        }
+        assert_eq!(head, 20);
+        for sql in [
+            "SELECT stream, revision, position FROM events WHERE id = ?1",
+            "SELECT MAX(revision) FROM events WHERE stream = ?1",
+            "INSERT INTO events (position, id, stream, revision, event_type, schema_version, data, \
+             received_at, source_id, request_id, content_hash) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        ] {
+            let stmt = conn.prepare_cached(sql).unwrap();
+            let reprepared = stmt.get_status(rusqlite::StatementStatus::RePrepare);
+            assert_eq!(reprepared, 0, "re-prepared {reprepared} times: {sql}");
+        }
+    }
+}
