@@ -1343,18 +1343,7 @@ mod writer_tests {
             let request = PendingAppend {
                 stream: format!("learner-{}-{n}", n % 3),
                 expected: ExpectedRevision::Any,
-                events: vec![NewEvent {
-                    id: Uuid::from_u128(u128::from(n) + 1),
-                    event_type: "TrailCompleted".into(),
-                    schema_version: 1,
-                    data: format!("{{\"n\":{n}}}"),
-                    metadata: EventMetadata {
-                        received_at: chrono::Utc::now(),
-                        source_id: "test".into(),
-                        request_id: n.to_string(),
-                        content_hash: format!("sha256:{n}"),
-                    },
-                }],
+                events: vec![crate::contract::event(n, "{}")],
                 reply,
             };
             let Ok((_, new_head)) = apply_one(&conn, head, &request) else {
