@@ -451,7 +451,7 @@ pub(crate) fn day_text(day: NaiveDate) -> String {
 }
 
 pub(crate) fn parse_day(text: &str) -> Result<NaiveDate, QueryError> {
-    NaiveDate::parse_from_str(text, "%Y-%m-%d")
+    tracker_domain::rfc3339::parse_day(text)
         .map_err(|e| storage(format!("stored day {text:?} is not a date: {e}")))
 }
 
@@ -551,7 +551,26 @@ pub(crate) fn render(sql: &str, dialect: Dialect, schema: &str) -> String {
         Dialect::Sqlite => (String::new(), ""),
         Dialect::Postgres => (format!("{schema}."), " COLLATE \"C\""),
     };
-    sql.replace("{s}", &prefix).replace("{C}", collate)
+    // One pass and one allocation: this runs for every statement of every
+    // answer.
+    let mut out = String::with_capacity(sql.len() + 4 * prefix.len());
+    let mut rest = sql;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        rest = if let Some(after) = tail.strip_prefix("{s}") {
+            out.push_str(&prefix);
+            after
+        } else if let Some(after) = tail.strip_prefix("{C}") {
+            out.push_str(collate);
+            after
+        } else {
+            out.push('{');
+            &tail[1..]
+        };
+    }
+    out.push_str(rest);
+    out
 }
 
 /// An instant rounded up to whole seconds: the stored times have whole
@@ -1001,8 +1020,7 @@ pub(crate) fn completion_key(sort: CompletionSort, row: &CompletionRow) -> Compl
 
 /// Stored times: RFC 3339 text (SQLite).
 pub(crate) fn parse_time(text: &str) -> Result<DateTime<Utc>, QueryError> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.with_timezone(&Utc))
+    tracker_domain::rfc3339::parse_instant(text)
         .map_err(|e| storage(format!("stored time {text:?}: {e}")))
 }
 
@@ -1139,6 +1157,19 @@ mod tests {
 
     fn day(s: &str) -> NaiveDate {
         NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap()
+    }
+
+    #[test]
+    fn render_fills_schema_and_collation_and_keeps_other_braces() {
+        let sql = "SELECT '{x}' FROM {s}a JOIN {s}b ORDER BY name{C} -- {";
+        assert_eq!(
+            render(sql, Dialect::Sqlite, "ignored"),
+            "SELECT '{x}' FROM a JOIN b ORDER BY name -- {"
+        );
+        assert_eq!(
+            render(sql, Dialect::Postgres, "rm"),
+            "SELECT '{x}' FROM rm.a JOIN rm.b ORDER BY name COLLATE \"C\" -- {"
+        );
     }
 
     #[test]

@@ -200,7 +200,11 @@ pub fn from_sql_id(id: i64) -> u64 {
 }
 
 pub fn sql_time(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+    let mut buf = [0; 20];
+    match tracker_domain::rfc3339::write_instant(t, &mut buf) {
+        Some(text) => text.to_owned(),
+        None => t.to_rfc3339_opts(SecondsFormat::Secs, true),
+    }
 }
 
 pub(crate) fn sql_position(p: Position) -> Result<i64, ReadStoreError> {

@@ -95,17 +95,36 @@ impl SqliteQueries {
         tokio::task::spawn_blocking(move || {
             let generation = inner.generation()?;
             let conn = generation.checkout()?;
-            let result = (|| {
-                let tx = conn.unchecked_transaction().map_err(storage)?;
-                let value = f(&tx)?;
-                tx.commit().map_err(storage)?;
-                Ok(value)
-            })();
+            let result = in_read_transaction(&conn, f);
             generation.checkin(conn);
             result
         })
         .await
         .map_err(|e| storage(format!("query task failed: {e}")))?
+    }
+}
+
+/// `f` in one read transaction, begun and ended by cached statements
+/// (rusqlite's `Transaction` parses `BEGIN` and `COMMIT` on every call).
+fn in_read_transaction<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, QueryError>,
+) -> Result<T, QueryError> {
+    let run = |sql: &str| {
+        conn.prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map_err(storage)
+    };
+    run("BEGIN")?;
+    match f(conn) {
+        Ok(value) => run("COMMIT").map(|_| value),
+        Err(e) => {
+            // The answer's error is the one to report; a connection whose
+            // rollback failed is still in a transaction and is not pooled
+            // again (`checkin`).
+            let _ = run("ROLLBACK");
+            Err(e)
+        }
     }
 }
 
@@ -154,6 +173,9 @@ impl Generation {
     }
 
     fn checkin(&self, conn: Connection) {
+        if !conn.is_autocommit() {
+            return;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE {
             idle.push(conn);
@@ -171,7 +193,12 @@ impl RowRead for SqlRow<'_, '_> {
         self.0.get(i).map_err(storage)
     }
     fn time(&self, i: usize) -> Result<DateTime<Utc>, QueryError> {
-        parse_time(&self.text(i)?)
+        parse_time(
+            self.0
+                .get_ref(i)
+                .and_then(|v| Ok(v.as_str()?))
+                .map_err(storage)?,
+        )
     }
     fn uuid(&self, i: usize) -> Result<Uuid, QueryError> {
         self.text(i)?
@@ -528,6 +555,40 @@ mod tests {
         let queries = SqliteQueries::open(dir.path()).unwrap();
         let conn = queries.inner.generation().unwrap().checkout().unwrap();
         (dir, conn)
+    }
+
+    /// An answer that fails ends its read transaction, and a connection
+    /// still inside one is never handed to the next answer.
+    #[test]
+    fn failed_answers_end_their_transaction_and_are_not_pooled_inside_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = SqliteReadStore::open(dir.path()).unwrap();
+        let queries = SqliteQueries::open(dir.path()).unwrap();
+        let generation = queries.inner.generation().unwrap();
+        let conn = generation.checkout().unwrap();
+        let failed: Result<(), _> = in_read_transaction(&conn, |c| {
+            assert!(!c.is_autocommit(), "not in a transaction");
+            Err(storage("boom"))
+        });
+        assert!(failed.is_err());
+        assert!(
+            conn.is_autocommit(),
+            "the failed answer left its transaction open"
+        );
+        let ok = in_read_transaction(&conn, |c| checkpoint(c, 1, ProjectionKind::Learners));
+        assert_eq!(ok.unwrap(), 0);
+        assert!(conn.is_autocommit());
+
+        conn.execute_batch("BEGIN").unwrap();
+        generation.checkin(conn);
+        assert!(
+            generation.idle.lock().unwrap().is_empty(),
+            "pooled inside a transaction"
+        );
+        let conn = generation.checkout().unwrap();
+        assert!(conn.is_autocommit());
+        generation.checkin(conn);
+        assert_eq!(generation.idle.lock().unwrap().len(), 1);
     }
 
     /// SQLite's plan of a statement, one line per step.

@@ -2,11 +2,36 @@
 //! bodies and the columns of their CSV form.
 
 use chrono::{DateTime, NaiveDate, Utc};
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 use serde_json::value::RawValue;
 use tracker_projections::query as q;
 use utoipa::ToSchema;
 use uuid::Uuid;
+
+/// Instants and days exactly as chrono's serde writes them, without its
+/// general formatter where the value allows
+/// ([`tracker_domain::rfc3339`]): they are most of
+/// the values of a completion or learner answer.
+mod text {
+    use super::*;
+    use tracker_domain::rfc3339;
+
+    pub fn instant<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        let mut buf = [0; 20];
+        match rfc3339::write_instant(*t, &mut buf) {
+            Some(text) => s.serialize_str(text),
+            None => t.serialize(s),
+        }
+    }
+
+    pub fn day<S: Serializer>(d: &NaiveDate, s: S) -> Result<S::Ok, S::Error> {
+        let mut buf = [0; 10];
+        match rfc3339::write_day(*d, &mut buf) {
+            Some(text) => s.serialize_str(text),
+            None => d.serialize(s),
+        }
+    }
+}
 
 /// The error shape of every 4xx and 5xx answer.
 #[derive(Debug, Serialize, ToSchema)]
@@ -37,7 +62,9 @@ pub struct Summary {
     pub trails: u64,
     /// Distinct courses in completed trails.
     pub courses: u64,
+    #[serde(serialize_with = "text::instant")]
     pub first_completed_at: DateTime<Utc>,
+    #[serde(serialize_with = "text::instant")]
     pub last_completed_at: DateTime<Utc>,
     /// Log position of the institution's latest completion.
     pub last_position: u64,
@@ -66,7 +93,9 @@ pub struct Trail {
     pub completions: u64,
     /// Distinct learners who completed it.
     pub learners: u64,
+    #[serde(serialize_with = "text::instant")]
     pub first_completed_at: DateTime<Utc>,
+    #[serde(serialize_with = "text::instant")]
     pub last_completed_at: DateTime<Utc>,
 }
 
@@ -136,7 +165,9 @@ pub struct Learner {
     /// Distinct trails completed.
     pub trails: u64,
     pub completions: u64,
+    #[serde(serialize_with = "text::instant")]
     pub first_completed_at: DateTime<Utc>,
+    #[serde(serialize_with = "text::instant")]
     pub last_completed_at: DateTime<Utc>,
 }
 
@@ -158,7 +189,9 @@ impl From<q::Learner> for Learner {
 pub struct LearnerTrail {
     pub trail_id: u64,
     pub completions: u64,
+    #[serde(serialize_with = "text::instant")]
     pub first_completed_at: DateTime<Utc>,
+    #[serde(serialize_with = "text::instant")]
     pub last_completed_at: DateTime<Utc>,
 }
 
@@ -172,10 +205,12 @@ pub struct Completion {
     pub trail_id: u64,
     /// The trail's name in this completion.
     pub trail_name: String,
+    #[serde(serialize_with = "text::instant")]
     pub finished_at: DateTime<Utc>,
     /// As the source sent it: wall time in the source time zone.
     pub finished_at_raw: String,
     /// The day in the source time zone.
+    #[serde(serialize_with = "text::day")]
     pub day: NaiveDate,
     pub courses: Vec<CourseRef>,
 }
@@ -233,7 +268,9 @@ pub struct TrailLearner {
     pub email: String,
     /// Completions of this trail by this learner.
     pub completions: u64,
+    #[serde(serialize_with = "text::instant")]
     pub first_completed_at: DateTime<Utc>,
+    #[serde(serialize_with = "text::instant")]
     pub last_completed_at: DateTime<Utc>,
 }
 
@@ -254,8 +291,10 @@ impl From<q::TrailLearner> for TrailLearner {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ActivityBucket {
     /// First day of the bucket (source time zone).
+    #[serde(serialize_with = "text::day")]
     pub start: NaiveDate,
     /// Last day of the bucket, inclusive.
+    #[serde(serialize_with = "text::day")]
     pub end: NaiveDate,
     pub completions: u64,
     /// Distinct learners with a completion in the bucket.
@@ -267,8 +306,10 @@ pub struct Activity {
     /// `day`, `week` (ISO, Monday to Sunday) or `month`.
     pub bucket: String,
     /// First day of the first bucket.
+    #[serde(serialize_with = "text::day")]
     pub from: NaiveDate,
     /// Last day of the last bucket.
+    #[serde(serialize_with = "text::day")]
     pub to: NaiveDate,
     /// Every bucket from `from` to `to`, empty ones included.
     pub items: Vec<ActivityBucket>,
@@ -289,6 +330,7 @@ pub struct Event {
     pub event_type: String,
     pub schema_version: u32,
     /// When the receiver accepted the delivery.
+    #[serde(serialize_with = "text::instant")]
     pub received_at: DateTime<Utc>,
     pub source_id: String,
     pub request_id: String,
@@ -355,7 +397,7 @@ pub trait CsvRow {
 }
 
 fn time(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+    tracker_domain::rfc3339::instant_text(t)
 }
 
 impl CsvRow for Trail {
