@@ -216,7 +216,7 @@ pub struct ActivityQuery {
 /// this order, before anything is read.
 fn begin<Q>(req: &HttpRequest, ctx: &ApiContext) -> Result<(u64, Q), Failure>
 where
-    Q: serde::de::DeserializeOwned + IntoParams,
+    Q: serde::de::DeserializeOwned + IntoParams + 'static,
 {
     let key = ctx.keys.authenticate(req.headers())?;
     let institution = params::institution(req)?;
@@ -250,7 +250,15 @@ fn found<T>(read: Read<Lookup<T>>, institution: u64, entity: &str) -> Result<(T,
 }
 
 fn json<T: Serialize>(body: &T, at: u64, next: Option<&str>) -> HttpResponse {
-    let mut res = HttpResponse::Ok().json(body);
+    // Written into a buffer the size of a typical page (actix's `json`
+    // starts from 128 bytes and grows it a dozen times for a page).
+    let mut buf = Vec::with_capacity(16 * 1024);
+    let mut res = match serde_json::to_writer(&mut buf, body) {
+        Ok(()) => HttpResponse::Ok()
+            .insert_header(header::ContentType::json())
+            .body(buf),
+        Err(e) => return actix_web::ResponseError::error_response(&Failure::internal(&e)),
+    };
     read_headers(&mut res, at, next);
     res
 }

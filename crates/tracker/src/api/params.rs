@@ -6,6 +6,10 @@
 //! is documented: an unknown or repeated one is a 400 too (a typo such as
 //! `limt=10` must not silently give the default).
 
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock, PoisonError};
+
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
@@ -26,7 +30,7 @@ pub const MAX_LIMIT: u32 = 1000;
 
 /// The query string as `T`, refusing unknown, repeated and malformed
 /// parameters by name.
-pub fn query<T: DeserializeOwned + IntoParams>(req: &HttpRequest) -> Result<T, Failure> {
+pub fn query<T: DeserializeOwned + IntoParams + 'static>(req: &HttpRequest) -> Result<T, Failure> {
     let raw = req.query_string();
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw).map_err(|e| {
         Failure::bad_request(
@@ -35,10 +39,16 @@ pub fn query<T: DeserializeOwned + IntoParams>(req: &HttpRequest) -> Result<T, F
             format!("unreadable query string: {e}"),
         )
     })?;
-    let known: Vec<String> = T::into_params(|| Some(ParameterIn::Query))
-        .into_iter()
-        .map(|p| p.name)
-        .collect();
+    let known = known_parameters::<T>();
+    // A valid query string is read once; only a refused one is taken apart
+    // below to name the parameter at fault.
+    let distinct = pairs
+        .iter()
+        .enumerate()
+        .all(|(i, (name, _))| known.contains(name) && !pairs[..i].iter().any(|(n, _)| n == name));
+    if distinct && let Ok(value) = serde_urlencoded::from_str::<T>(raw) {
+        return Ok(value);
+    }
     let mut seen = std::collections::HashSet::new();
     for (name, value) in &pairs {
         if !known.iter().any(|k| k == name) {
@@ -69,6 +79,24 @@ pub fn query<T: DeserializeOwned + IntoParams>(req: &HttpRequest) -> Result<T, F
     }
     serde_urlencoded::from_str(raw)
         .map_err(|e| Failure::bad_request("query", "invalid_parameter", e.to_string()))
+}
+
+/// The documented query parameters of `T`, computed once per type
+/// (`into_params` builds the whole OpenAPI description of each).
+fn known_parameters<T: IntoParams + 'static>() -> &'static [String] {
+    static KNOWN: OnceLock<Mutex<HashMap<TypeId, &'static [String]>>> = OnceLock::new();
+    let mut known = KNOWN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    known.entry(TypeId::of::<T>()).or_insert_with(|| {
+        let names: Vec<String> = T::into_params(|| Some(ParameterIn::Query))
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        // One small slice per parameter struct, for the life of the process.
+        Box::leak(names.into_boxed_slice())
+    })
 }
 
 /// A positive id from the path.
