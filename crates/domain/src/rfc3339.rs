@@ -10,7 +10,11 @@
 //! directly and give anything else to chrono, so their results are always
 //! chrono's (the tests compare them).
 
-use chrono::{DateTime, Datelike, NaiveDate, ParseError, SecondsFormat, Timelike, Utc};
+use chrono::{
+    DateTime, Datelike, FixedOffset, NaiveDate, ParseError, SecondsFormat, Timelike, Utc,
+};
+use serde::Deserializer;
+use serde::de::{self, Visitor};
 
 /// `YYYY-MM-DDTHH:MM:SSZ`.
 const INSTANT_LEN: usize = 20;
@@ -55,23 +59,10 @@ pub fn write_day(day: NaiveDate, buf: &mut [u8; DAY_LEN]) -> Option<&str> {
 /// An instant as RFC 3339 text, in UTC: `YYYY-MM-DDTHH:MM:SSZ` directly,
 /// anything else as [`DateTime::parse_from_rfc3339`] reads it.
 pub fn parse_instant(text: &str) -> Result<DateTime<Utc>, ParseError> {
-    let b = text.as_bytes();
-    if b.len() == INSTANT_LEN
-        && b[10] == b'T'
-        && b[13] == b':'
-        && b[16] == b':'
-        && b[19] == b'Z'
-        && let (Some(day), Some(h), Some(m), Some(s)) = (
-            parse_date(&b[..DAY_LEN]),
-            digits(&b[11..13]),
-            digits(&b[14..16]),
-            digits(&b[17..19]),
-        )
-        && let Some(t) = day.and_hms_opt(h, m, s)
-    {
-        return Ok(t.and_utc());
+    match fast_instant(text.as_bytes()) {
+        Some(t) => Ok(t),
+        None => DateTime::parse_from_rfc3339(text).map(|t| t.with_timezone(&Utc)),
     }
-    DateTime::parse_from_rfc3339(text).map(|t| t.with_timezone(&Utc))
 }
 
 /// A day as `%Y-%m-%d` text: `YYYY-MM-DD` directly, anything else as
@@ -81,6 +72,43 @@ pub fn parse_day(text: &str) -> Result<NaiveDate, ParseError> {
         return Ok(day);
     }
     NaiveDate::parse_from_str(text, "%Y-%m-%d")
+}
+
+/// `DateTime<Utc>` as chrono's serde `Deserialize` reads it (its `FromStr`
+/// for a fixed offset, converted to UTC), with the recorded shape
+/// `YYYY-MM-DDTHH:MM:SSZ` read directly: for `#[serde(deserialize_with)]`.
+pub fn deserialize_instant<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+    struct Instant;
+    impl Visitor<'_> for Instant {
+        type Value = DateTime<Utc>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an RFC 3339 formatted date and time string")
+        }
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            match fast_instant(text.as_bytes()) {
+                Some(t) => Ok(t),
+                None => text
+                    .parse::<DateTime<FixedOffset>>()
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(E::custom),
+            }
+        }
+    }
+    d.deserialize_str(Instant)
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ`, a valid date and time (no second 60).
+fn fast_instant(b: &[u8]) -> Option<DateTime<Utc>> {
+    if b.len() != INSTANT_LEN || b[10] != b'T' || b[13] != b':' || b[16] != b':' || b[19] != b'Z' {
+        return None;
+    }
+    let day = parse_date(&b[..DAY_LEN])?;
+    let t = day.and_hms_opt(
+        digits(&b[11..13])?,
+        digits(&b[14..16])?,
+        digits(&b[17..19])?,
+    )?;
+    Some(t.and_utc())
 }
 
 fn write_date(day: NaiveDate, buf: &mut [u8]) -> Option<()> {
@@ -187,6 +215,39 @@ mod tests {
         }
     }
 
+    /// What chrono's own `Deserialize` makes of a JSON string, and what
+    /// `deserialize_instant` makes of it: the same value or both an error.
+    fn both_deserialize(text: &str) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
+        #[derive(serde::Deserialize)]
+        struct Fast(#[serde(deserialize_with = "deserialize_instant")] DateTime<Utc>);
+        let json = serde_json::to_string(text).unwrap();
+        (
+            serde_json::from_str::<Fast>(&json).ok().map(|f| f.0),
+            serde_json::from_str::<DateTime<Utc>>(&json).ok(),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn deserializes_as_chrono_does(
+            text in "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z|[0-9 +:TZtz.-]{0,26}",
+        ) {
+            let (ours, theirs) = both_deserialize(&text);
+            prop_assert_eq!(ours, theirs, "{}", text);
+        }
+
+        #[test]
+        fn reads_back_what_chrono_wrote(
+            secs in -62_167_219_200i64..253_402_300_800,
+            nanos in prop_oneof![Just(0u32), 0u32..1_000_000_000],
+        ) {
+            let t = Utc.timestamp_opt(secs, nanos).unwrap();
+            let (ours, theirs) = both_deserialize(&chrono_serde(&t));
+            prop_assert_eq!(ours, Some(t));
+            prop_assert_eq!(theirs, Some(t));
+        }
+    }
+
     #[test]
     fn edges() {
         for text in [
@@ -203,6 +264,8 @@ mod tests {
             "+2024-01-01T00:00:00Z",
             "２０２４-01-01T00:00:00Z",
         ] {
+            let (ours, theirs) = both_deserialize(text);
+            assert_eq!(ours, theirs, "{text}");
             assert_eq!(
                 parse_instant(text).ok(),
                 DateTime::parse_from_rfc3339(text)

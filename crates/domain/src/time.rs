@@ -18,7 +18,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, LocalResult, NaiveDateTime, Offset, TimeDelta, TimeZone, Utc};
+use chrono::{DateTime, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
@@ -132,6 +132,7 @@ impl SourceTime {
 #[derive(Deserialize)]
 struct RecordedTime {
     raw: String,
+    #[serde(deserialize_with = "crate::rfc3339::deserialize_instant")]
     utc: DateTime<Utc>,
 }
 
@@ -155,18 +156,47 @@ fn parse_wall_time(raw: &str) -> Result<NaiveDateTime, TimeError> {
     if !shape_ok {
         return Err(TimeError::Format(raw.to_owned()));
     }
-    if &raw[17..19] > "59" {
-        // chrono would accept second 60 as a leap second; the source never
-        // means one.
-        return Err(TimeError::Impossible(raw.to_owned()));
-    }
-    NaiveDateTime::parse_from_str(raw, "%Y-%m-%d %H:%M:%S")
-        .map_err(|_| TimeError::Impossible(raw.to_owned()))
+    // The shape is fixed, so the fields are where the shape says; chrono
+    // judges the calendar (and refuses second 60, which it would otherwise
+    // read as a leap second: the source never means one). Not chrono's
+    // format-string parser: this runs for every event a projection reads.
+    let n = |range: std::ops::Range<usize>| {
+        raw.as_bytes()[range]
+            .iter()
+            .fold(0u32, |n, b| n * 10 + u32::from(b - b'0'))
+    };
+    i32::try_from(n(0..4))
+        .ok()
+        .and_then(|year| NaiveDate::from_ymd_opt(year, n(5..7), n(8..10)))
+        .and_then(|day| day.and_hms_opt(n(11..13), n(14..16), n(17..19)))
+        .ok_or_else(|| TimeError::Impossible(raw.to_owned()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any text of the source's shape: the date and time chrono's
+        /// `%Y-%m-%d %H:%M:%S` reads, or refused where chrono refuses (and
+        /// at second 60, which chrono reads as a leap second).
+        #[test]
+        fn wall_times_read_as_chrono_reads_them(
+            raw in "[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}",
+        ) {
+            let chrono = NaiveDateTime::parse_from_str(&raw, "%Y-%m-%d %H:%M:%S").ok();
+            let expected = if &raw[17..19] > "59" { None } else { chrono };
+            prop_assert_eq!(parse_wall_time(&raw).ok(), expected, "{}", raw);
+        }
+
+        #[test]
+        fn valid_wall_times_read_back(secs in -62_167_219_200i64..253_402_300_800) {
+            let t = DateTime::from_timestamp(secs, 0).unwrap().naive_utc();
+            let raw = t.format("%Y-%m-%d %H:%M:%S").to_string();
+            prop_assert_eq!(parse_wall_time(&raw).ok(), Some(t));
+        }
+    }
 
     fn sp() -> SourceTimeZone {
         SourceTimeZone::default()
