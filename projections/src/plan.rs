@@ -14,9 +14,10 @@
 //! event brought them, so the result does not depend on the order of events
 //! inside a batch.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use rustc_hash::FxHashSet;
 
 use crate::model::Completion;
 
@@ -50,19 +51,19 @@ impl ProjectionKind {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct MembershipKeys {
     /// (institution, user)
-    pub institution_learners: HashSet<(u64, u64)>,
+    pub institution_learners: FxHashSet<(u64, u64)>,
     /// (institution, trail)
-    pub institution_trails: HashSet<(u64, u64)>,
+    pub institution_trails: FxHashSet<(u64, u64)>,
     /// (institution, course)
-    pub institution_courses: HashSet<(u64, u64)>,
+    pub institution_courses: FxHashSet<(u64, u64)>,
     /// (institution, trail, user)
-    pub trail_learners: HashSet<(u64, u64, u64)>,
+    pub trail_learners: FxHashSet<(u64, u64, u64)>,
     /// (institution, course, user)
-    pub course_learners: HashSet<(u64, u64, u64)>,
+    pub course_learners: FxHashSet<(u64, u64, u64)>,
     /// (institution, trail, course)
-    pub trail_courses: HashSet<(u64, u64, u64)>,
+    pub trail_courses: FxHashSet<(u64, u64, u64)>,
     /// (institution, day, user)
-    pub day_learners: HashSet<(u64, String, u64)>,
+    pub day_learners: FxHashSet<(u64, String, u64)>,
 }
 
 impl MembershipKeys {
@@ -115,10 +116,10 @@ pub fn each_key<'a>(kind: ProjectionKind, batch: &'a [Completion], mut f: impl F
 impl MembershipKeys {
     /// Every key.
     pub fn iter(&self) -> impl Iterator<Item = Key<'_>> {
-        let pairs = |set: &HashSet<(u64, u64)>, f: fn(u64, u64) -> Key<'static>| {
+        let pairs = |set: &FxHashSet<(u64, u64)>, f: fn(u64, u64) -> Key<'static>| {
             set.iter().map(move |&(a, b)| f(a, b)).collect::<Vec<_>>()
         };
-        let triples = |set: &HashSet<(u64, u64, u64)>, f: fn(u64, u64, u64) -> Key<'static>| {
+        let triples = |set: &FxHashSet<(u64, u64, u64)>, f: fn(u64, u64, u64) -> Key<'static>| {
             set.iter()
                 .map(move |&(a, b, c)| f(a, b, c))
                 .collect::<Vec<_>>()

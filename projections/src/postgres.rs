@@ -16,7 +16,7 @@
 //! that are sorted on use `COLLATE "C"`, SQLite's byte order, whatever the
 //! database's default collation.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -24,6 +24,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
+use rustc_hash::FxHashSet;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{IsolationLevel, NoTls, Row};
@@ -636,10 +637,10 @@ fn insert_keys_sql(s: &str, table: &str, columns: &[(&str, &str)]) -> String {
 async fn new_pairs(
     tx: &Transaction<'_>,
     sql: String,
-    keys: &HashSet<(u64, u64)>,
-) -> Result<HashSet<(u64, u64)>, ReadStoreError> {
+    keys: &FxHashSet<(u64, u64)>,
+) -> Result<FxHashSet<(u64, u64)>, ReadStoreError> {
     if keys.is_empty() {
-        return Ok(HashSet::new());
+        return Ok(FxHashSet::default());
     }
     // Sorted, so that concurrent writers lock rows in one order.
     let mut sorted: Vec<(u64, u64)> = keys.iter().copied().collect();
@@ -658,10 +659,10 @@ async fn new_pairs(
 async fn new_triples(
     tx: &Transaction<'_>,
     sql: String,
-    keys: &HashSet<(u64, u64, u64)>,
-) -> Result<HashSet<(u64, u64, u64)>, ReadStoreError> {
+    keys: &FxHashSet<(u64, u64, u64)>,
+) -> Result<FxHashSet<(u64, u64, u64)>, ReadStoreError> {
     if keys.is_empty() {
-        return Ok(HashSet::new());
+        return Ok(FxHashSet::default());
     }
     let mut sorted: Vec<(u64, u64, u64)> = keys.iter().copied().collect();
     sorted.sort_unstable();
@@ -686,10 +687,10 @@ async fn new_triples(
 async fn new_day_learners(
     tx: &Transaction<'_>,
     sql: String,
-    keys: &HashSet<(u64, String, u64)>,
-) -> Result<HashSet<(u64, String, u64)>, ReadStoreError> {
+    keys: &FxHashSet<(u64, String, u64)>,
+) -> Result<FxHashSet<(u64, String, u64)>, ReadStoreError> {
     if keys.is_empty() {
-        return Ok(HashSet::new());
+        return Ok(FxHashSet::default());
     }
     let mut sorted: Vec<&(u64, String, u64)> = keys.iter().collect();
     sorted.sort_unstable();

@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use rustc_hash::FxHashSet;
 use tracker_store::Position;
 
 use crate::fold::Membership;
@@ -592,10 +593,10 @@ fn insert_new_keys(
     fn pairs(
         tx: &Transaction<'_>,
         sql: &str,
-        keys: &std::collections::HashSet<(u64, u64)>,
-    ) -> Result<std::collections::HashSet<(u64, u64)>, ReadStoreError> {
+        keys: &FxHashSet<(u64, u64)>,
+    ) -> Result<FxHashSet<(u64, u64)>, ReadStoreError> {
         let mut stmt = tx.prepare_cached(sql).map_err(storage)?;
-        let mut new = std::collections::HashSet::new();
+        let mut new = FxHashSet::default();
         // In key order: consecutive inserts land on the same B-tree pages
         // instead of random ones (a hash set's order).
         let mut sorted: Vec<_> = keys.iter().copied().collect();
@@ -614,10 +615,10 @@ fn insert_new_keys(
     fn triples(
         tx: &Transaction<'_>,
         sql: &str,
-        keys: &std::collections::HashSet<(u64, u64, u64)>,
-    ) -> Result<std::collections::HashSet<(u64, u64, u64)>, ReadStoreError> {
+        keys: &FxHashSet<(u64, u64, u64)>,
+    ) -> Result<FxHashSet<(u64, u64, u64)>, ReadStoreError> {
         let mut stmt = tx.prepare_cached(sql).map_err(storage)?;
-        let mut new = std::collections::HashSet::new();
+        let mut new = FxHashSet::default();
         let mut sorted: Vec<_> = keys.iter().copied().collect();
         sorted.sort_unstable();
         for (a, b, c) in sorted {
