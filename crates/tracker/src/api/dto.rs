@@ -9,9 +9,8 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// Instants and days exactly as chrono's serde writes them, without its
-/// general formatter where the value allows
-/// ([`tracker_domain::rfc3339`]): they are most of
-/// the values of a completion or learner answer.
+/// general formatter where the value allows ([`tracker_domain::rfc3339`]):
+/// they are most of the values of a completion or learner answer.
 mod text {
     use super::*;
     use tracker_domain::rfc3339;
