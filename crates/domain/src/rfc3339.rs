@@ -13,8 +13,8 @@
 use chrono::{
     DateTime, Datelike, FixedOffset, NaiveDate, ParseError, SecondsFormat, Timelike, Utc,
 };
-use serde::Deserializer;
 use serde::de::{self, Visitor};
+use serde::{Deserializer, Serialize, Serializer};
 
 /// `YYYY-MM-DDTHH:MM:SSZ`.
 const INSTANT_LEN: usize = 20;
@@ -72,6 +72,26 @@ pub fn parse_day(text: &str) -> Result<NaiveDate, ParseError> {
         return Ok(day);
     }
     NaiveDate::parse_from_str(text, "%Y-%m-%d")
+}
+
+/// `DateTime<Utc>` as chrono's serde `Serialize` writes it, through
+/// [`write_instant`] when the value allows: for `#[serde(serialize_with)]`.
+pub fn serialize_instant<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    let mut buf = [0; INSTANT_LEN];
+    match write_instant(*t, &mut buf) {
+        Some(text) => s.serialize_str(text),
+        None => t.serialize(s),
+    }
+}
+
+/// `NaiveDate` as chrono's serde `Serialize` writes it, through
+/// [`write_day`] when the value allows: for `#[serde(serialize_with)]`.
+pub fn serialize_day<S: Serializer>(d: &NaiveDate, s: S) -> Result<S::Ok, S::Error> {
+    let mut buf = [0; DAY_LEN];
+    match write_day(*d, &mut buf) {
+        Some(text) => s.serialize_str(text),
+        None => d.serialize(s),
+    }
 }
 
 /// `DateTime<Utc>` as chrono's serde `Deserialize` reads it (its `FromStr`
@@ -181,6 +201,33 @@ mod tests {
             let mut buf = [0; INSTANT_LEN];
             let fast = write_instant(t, &mut buf).is_some();
             prop_assert_eq!(fast, nanos == 0 && t.year() >= 0);
+        }
+
+        /// Through serde, as a field: the JSON chrono's own `Serialize`
+        /// writes.
+        #[test]
+        fn serializes_as_chrono_does(
+            secs in -62_167_219_200i64..253_402_300_800,
+            nanos in prop_oneof![Just(0u32), 0u32..1_000_000_000],
+        ) {
+            #[derive(serde::Serialize)]
+            struct Fast {
+                #[serde(serialize_with = "serialize_instant")]
+                t: DateTime<Utc>,
+                #[serde(serialize_with = "serialize_day")]
+                d: NaiveDate,
+            }
+            #[derive(serde::Serialize)]
+            struct Chrono {
+                t: DateTime<Utc>,
+                d: NaiveDate,
+            }
+            let t = Utc.timestamp_opt(secs, nanos).unwrap();
+            let d = t.date_naive();
+            prop_assert_eq!(
+                serde_json::to_string(&Fast { t, d }).unwrap(),
+                serde_json::to_string(&Chrono { t, d }).unwrap()
+            );
         }
 
         /// Every day: chrono's text, read back as the day.

@@ -94,6 +94,7 @@ impl fmt::Display for SourceTimeZone {
 #[serde(try_from = "RecordedTime")]
 pub struct SourceTime {
     raw: String,
+    #[serde(serialize_with = "crate::rfc3339::serialize_instant")]
     utc: DateTime<Utc>,
 }
 

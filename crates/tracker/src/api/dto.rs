@@ -2,34 +2,17 @@
 //! bodies and the columns of their CSV form.
 
 use chrono::{DateTime, NaiveDate, Utc};
-use serde::{Serialize, Serializer};
+use serde::Serialize;
 use serde_json::value::RawValue;
 use tracker_projections::query as q;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-/// Instants and days exactly as chrono's serde writes them, without its
-/// general formatter where the value allows ([`tracker_domain::rfc3339`]):
-/// they are most of the values of a completion or learner answer.
+/// Instants and days are written as chrono's serde writes them, without
+/// its general formatter where the value allows: they are most of the
+/// values of a completion or learner answer.
 mod text {
-    use super::*;
-    use tracker_domain::rfc3339;
-
-    pub fn instant<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-        let mut buf = [0; 20];
-        match rfc3339::write_instant(*t, &mut buf) {
-            Some(text) => s.serialize_str(text),
-            None => t.serialize(s),
-        }
-    }
-
-    pub fn day<S: Serializer>(d: &NaiveDate, s: S) -> Result<S::Ok, S::Error> {
-        let mut buf = [0; 10];
-        match rfc3339::write_day(*d, &mut buf) {
-            Some(text) => s.serialize_str(text),
-            None => d.serialize(s),
-        }
-    }
+    pub use tracker_domain::rfc3339::{serialize_day as day, serialize_instant as instant};
 }
 
 /// The error shape of every 4xx and 5xx answer.
