@@ -148,7 +148,7 @@ fn two(out: &mut [u8], v: u32) {
 }
 
 /// `YYYY-MM-DD`, exactly ten bytes, a valid date.
-fn parse_date(b: &[u8]) -> Option<NaiveDate> {
+pub(crate) fn parse_date(b: &[u8]) -> Option<NaiveDate> {
     if b.len() != DAY_LEN || b[4] != b'-' || b[7] != b'-' {
         return None;
     }
@@ -160,7 +160,8 @@ fn parse_date(b: &[u8]) -> Option<NaiveDate> {
     )
 }
 
-fn digits(b: &[u8]) -> Option<u32> {
+/// ASCII digits as a number; `None` if any byte is not a digit.
+pub(crate) fn digits(b: &[u8]) -> Option<u32> {
     b.iter().try_fold(0u32, |n, &c| {
         c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
     })
@@ -304,6 +305,7 @@ mod tests {
             "2024-01-01T24:00:00Z",
             "2016-12-31T23:59:60Z",
             "0000-01-01T00:00:00Z",
+            "1969-12-31T23:59:59Z",
             "9999-12-31T23:59:59Z",
             "2024-01-01t00:00:00z",
             "2024-01-01T00:00:00+00:00",

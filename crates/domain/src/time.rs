@@ -18,9 +18,11 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeDelta, TimeZone, Utc};
+use chrono::{DateTime, LocalResult, NaiveDateTime, Offset, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
+
+use crate::rfc3339;
 
 /// Why a time or a time zone was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -161,15 +163,15 @@ fn parse_wall_time(raw: &str) -> Result<NaiveDateTime, TimeError> {
     // judges the calendar (and refuses second 60, which it would otherwise
     // read as a leap second: the source never means one). Not chrono's
     // format-string parser: this runs for every event a projection reads.
-    let n = |range: std::ops::Range<usize>| {
-        raw.as_bytes()[range]
-            .iter()
-            .fold(0u32, |n, b| n * 10 + u32::from(b - b'0'))
-    };
-    i32::try_from(n(0..4))
-        .ok()
-        .and_then(|year| NaiveDate::from_ymd_opt(year, n(5..7), n(8..10)))
-        .and_then(|day| day.and_hms_opt(n(11..13), n(14..16), n(17..19)))
+    let b = raw.as_bytes();
+    rfc3339::parse_date(&b[..10])
+        .and_then(|day| {
+            day.and_hms_opt(
+                rfc3339::digits(&b[11..13])?,
+                rfc3339::digits(&b[14..16])?,
+                rfc3339::digits(&b[17..19])?,
+            )
+        })
         .ok_or_else(|| TimeError::Impossible(raw.to_owned()))
 }
 
@@ -264,6 +266,8 @@ mod tests {
             );
         }
         assert!(SourceTime::parse("2024-02-29 10:00:00", &sp()).is_ok());
+        // Year 0 is a year to chrono's `%Y` too.
+        assert!(SourceTime::parse("0000-01-01 00:00:01", &sp()).is_ok());
     }
 
     #[test]
