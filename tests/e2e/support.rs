@@ -362,7 +362,7 @@ pub fn completion(institution: u64, user: u64, trail: u64, finished_at: &str) ->
 /// (as the receiver would), concurrently so group commit keeps it quick.
 pub async fn seed_events(data_dir: &Path, bodies: Vec<String>) -> u64 {
     use tracker_domain::{SourceTimeZone, parse_delivery};
-    use tracker_store::{EventMetadata, EventStore as _, ExpectedRevision, NewEvent};
+    use tracker_store::{EventMetadata, EventStore as _, ExpectedRevision};
     let store = std::sync::Arc::new(
         tracker_store::sqlite::SqliteEventStore::open(data_dir.join("events.sqlite")).unwrap(),
     );
@@ -372,18 +372,13 @@ pub async fn seed_events(data_dir: &Path, bodies: Vec<String>) -> u64 {
         let store = std::sync::Arc::clone(&store);
         let parsed = parse_delivery(body.as_bytes(), &zone).unwrap();
         tasks.push(tokio::spawn(async move {
-            let event = NewEvent {
-                id: parsed.event_id(),
-                event_type: parsed.event_type().to_owned(),
-                schema_version: parsed.schema_version(),
-                data: parsed.event_data(&zone).unwrap(),
-                metadata: EventMetadata {
-                    received_at: chrono::Utc::now(),
-                    source_id: "seed".into(),
-                    request_id: "seed".into(),
-                    content_hash: parsed.content_hash.clone(),
-                },
+            let metadata = EventMetadata {
+                received_at: chrono::Utc::now(),
+                source_id: "seed".into(),
+                request_id: "seed".into(),
+                content_hash: parsed.content_hash.clone(),
             };
+            let event = tracker::webhook::recorded_event(&parsed, &zone, metadata).unwrap();
             store
                 .append(&parsed.stream(), ExpectedRevision::Any, vec![event])
                 .await

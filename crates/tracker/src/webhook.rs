@@ -16,7 +16,8 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
 use serde::Serialize;
 use tracing::Instrument as _;
-use tracker_domain::{DeliveryError, parse_delivery};
+use tracker_domain::delivery::ParsedDelivery;
+use tracker_domain::{DeliveryError, SourceTimeZone, parse_delivery};
 use tracker_store::delivery_log::DeliveryRecord;
 use tracker_store::{AppendError, EventMetadata, ExpectedRevision, NewEvent};
 use uuid::Uuid;
@@ -25,6 +26,21 @@ use crate::error::ApiError;
 use crate::signature::SignedHeaders;
 use crate::sources::Source;
 use crate::state::AppState;
+
+/// The event a checked delivery is recorded as.
+pub fn recorded_event(
+    parsed: &ParsedDelivery,
+    zone: &SourceTimeZone,
+    metadata: EventMetadata,
+) -> Result<NewEvent, serde_json::Error> {
+    Ok(NewEvent {
+        id: parsed.event_id(),
+        event_type: parsed.event_type().to_owned(),
+        schema_version: parsed.schema_version(),
+        data: parsed.event_data(zone)?,
+        metadata,
+    })
+}
 
 /// The answer to an accepted delivery (also to a repeated one).
 #[derive(Debug, Serialize)]
@@ -199,21 +215,14 @@ async fn accept(
         .with_field("data.institution.id"));
     }
 
-    let data = parsed
-        .event_data(&state.zone)
-        .map_err(|e| ApiError::internal(&e))?;
-    let event = NewEvent {
-        id: parsed.event_id(),
-        event_type: parsed.event_type().to_owned(),
-        schema_version: parsed.schema_version(),
-        data,
-        metadata: EventMetadata {
-            received_at,
-            source_id: source.id.clone(),
-            request_id: request_id.to_owned(),
-            content_hash: parsed.content_hash.clone(),
-        },
+    let metadata = EventMetadata {
+        received_at,
+        source_id: source.id.clone(),
+        request_id: request_id.to_owned(),
+        content_hash: parsed.content_hash.clone(),
     };
+    let event =
+        recorded_event(&parsed, &state.zone, metadata).map_err(|e| ApiError::internal(&e))?;
 
     let started = Instant::now();
     let outcome = state
