@@ -4,11 +4,14 @@
 //! - `institutions`: per-institution summary, trails, courses, daily activity;
 //! - `learners`: per-learner progress and one row per completion.
 //!
-//! [`plan`] holds the rules (pure), [`fold`] folds a whole rebuild in memory, [`runner`] reads the log and applies
-//! batches, [`readstore`] is the port that SQLite ([`sqlite`]) and PostgreSQL
-//! implement, and [`replay`] rebuilds everything blue/green.
+//! [`plan`] holds the rules (pure), [`fold`] folds a whole rebuild in
+//! memory, [`runner`] reads the log and applies batches ([`decode`] shares
+//! decoded events between the runners of a process), [`readstore`] is the
+//! port that SQLite ([`sqlite`]) and PostgreSQL implement, and [`replay`]
+//! rebuilds everything blue/green.
 #![forbid(unsafe_code)]
 
+pub mod decode;
 pub mod fold;
 pub mod model;
 pub mod plan;

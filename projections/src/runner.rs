@@ -20,7 +20,7 @@ use futures::{FutureExt as _, StreamExt as _};
 use tokio::sync::watch;
 use tracker_store::{EventStore, Position, ReadAll, RecordedEvent};
 
-use crate::model::Completion;
+use crate::decode::SharedDecode;
 use crate::plan::ProjectionKind;
 use crate::readstore::{
     ApplyBatch, CheckpointKey, DeadLetter, LeaseHolder, Partition, ReadStore, ReadStoreError,
@@ -49,6 +49,9 @@ pub struct RunnerConfig {
     /// `Some`: hold a lease on the checkpoint key, so two projectors of the
     /// same partition never write at once (the second waits).
     pub lease: Option<(LeaseHolder, Duration)>,
+    /// Where events are decoded: give the runners of one process the same
+    /// [`SharedDecode`] so each event is decoded once, not once per runner.
+    pub decode: Arc<SharedDecode>,
 }
 
 impl Default for RunnerConfig {
@@ -58,6 +61,7 @@ impl Default for RunnerConfig {
             batch_size: 5_000,
             on_error: OnError::DeadLetter,
             lease: Some((LeaseHolder::new_random(), Duration::from_secs(15))),
+            decode: Arc::new(SharedDecode::new(1, 0)),
         }
     }
 }
@@ -325,14 +329,15 @@ impl Runner {
         let Some(through) = events.last().map(|e| e.position) else {
             return Ok(());
         };
+        let decoded = self.config.decode.decode(&events).await;
         let mut completions = Vec::with_capacity(events.len());
         let mut dead_letters = Vec::new();
         let mut halt = None;
-        for event in &events {
-            if !Completion::wants(event) {
+        for (event, decoded) in events.iter().zip(decoded) {
+            let Some(decoded) = decoded else {
                 continue;
-            }
-            match Completion::decode(event) {
+            };
+            match decoded {
                 Ok(c) if self.key.partition.owns(c.institution_id) => completions.push(c),
                 Ok(_) => {}
                 Err(e) if self.config.on_error == OnError::Stop => {

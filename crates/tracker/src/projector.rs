@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracker_projections::ProjectionKind;
 use tracker_projections::ReadStore;
+use tracker_projections::decode::{DecodeStats, SharedDecode};
 use tracker_projections::readstore::{LeaseHolder, Partition};
 use tracker_projections::runner::{OnError, Runner, RunnerConfig, RunnerError};
 use tracker_store::EventStore;
@@ -17,6 +18,7 @@ use crate::config::{OnErrorSetting, ProjectorConfig};
 pub struct Projector {
     shutdown: watch::Sender<bool>,
     tasks: Vec<(String, JoinHandle<Result<(), RunnerError>>)>,
+    decode: Arc<SharedDecode>,
 }
 
 impl std::fmt::Debug for Projector {
@@ -32,7 +34,9 @@ impl std::fmt::Debug for Projector {
 
 impl Projector {
     /// Starts one runner per projection for `partition`. Every runner of this
-    /// process shares one lease holder id.
+    /// process shares one lease holder id, and each event is decoded once for
+    /// all of them: a runner up to two batches ahead of the other leaves its
+    /// results for it (two batches of completions in memory at most).
     pub fn start(
         events: Arc<dyn EventStore>,
         read: Arc<dyn ReadStore>,
@@ -41,14 +45,20 @@ impl Projector {
     ) -> Self {
         let (shutdown, rx) = watch::channel(false);
         let holder = LeaseHolder::new_random();
+        let batch_size = config.batch_size.max(1);
+        let decode = Arc::new(SharedDecode::new(
+            ProjectionKind::ALL.len(),
+            batch_size.saturating_mul(2),
+        ));
         let runner_config = RunnerConfig {
             partition,
-            batch_size: config.batch_size.max(1),
+            batch_size,
             on_error: match config.on_error {
                 OnErrorSetting::DeadLetter => OnError::DeadLetter,
                 OnErrorSetting::Stop => OnError::Stop,
             },
             lease: Some((holder, Duration::from_secs(config.lease_ttl_secs.max(1)))),
+            decode: Arc::clone(&decode),
         };
         let tasks = ProjectionKind::ALL
             .into_iter()
@@ -63,7 +73,16 @@ impl Projector {
                 (key, tokio::spawn(runner.run(rx.clone())))
             })
             .collect();
-        Self { shutdown, tasks }
+        Self {
+            shutdown,
+            tasks,
+            decode,
+        }
+    }
+
+    /// How many events the runners decoded, and how many they handed over.
+    pub async fn decode_stats(&self) -> DecodeStats {
+        self.decode.stats().await
     }
 
     /// Resolves when a runner ends on its own (a halt under
@@ -101,5 +120,91 @@ impl Projector {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use chrono::Utc;
+    use tracker_domain::{SourceTimeZone, parse_delivery};
+    use tracker_projections::CheckpointKey;
+    use tracker_projections::sqlite::SqliteReadStore;
+    use tracker_store::sqlite::SqliteEventStore;
+    use tracker_store::{EventMetadata, ExpectedRevision};
+
+    use super::*;
+
+    async fn append(events: &dyn EventStore, n: u64) {
+        let body = serde_json::json!({
+            "event": {"slug": "activities.trail.completed", "send_at": "2024-03-01 10:00:00"},
+            "data": {
+                "institution": {"id": 1 + n % 3},
+                "user": {"id": n + 1, "name": "Ana", "email": "ana@example.edu.br"},
+                "trail": {"id": 9, "name": "Trilha", "finished_at": "2024-03-01 10:00:00",
+                    "courses": [{"id": 1, "title": "Curso"}]}
+            }
+        })
+        .to_string();
+        let zone = SourceTimeZone::default();
+        let parsed = parse_delivery(body.as_bytes(), &zone).unwrap();
+        let metadata = EventMetadata {
+            received_at: Utc::now(),
+            source_id: "test".into(),
+            request_id: "r".into(),
+            content_hash: parsed.content_hash.clone(),
+        };
+        let event = crate::webhook::recorded_event(&parsed, &zone, metadata).unwrap();
+        events
+            .append(&parsed.stream(), ExpectedRevision::Any, vec![event])
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_projections_are_built_from_one_decode_of_each_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let events: Arc<dyn EventStore> =
+            Arc::new(SqliteEventStore::open(dir.path().join("events.sqlite")).unwrap());
+        let read = SqliteReadStore::open(dir.path().join("readmodels")).unwrap();
+        // Some events before the start (read in batches), some after it
+        // (followed live).
+        for n in 0..300 {
+            append(events.as_ref(), n).await;
+        }
+        let config = ProjectorConfig {
+            batch_size: 100,
+            ..ProjectorConfig::default()
+        };
+        let projector = Projector::start(
+            Arc::clone(&events),
+            Arc::new(read.clone()),
+            &config,
+            Partition::WHOLE,
+        );
+        for n in 300..400 {
+            append(events.as_ref(), n).await;
+        }
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        for kind in ProjectionKind::ALL {
+            while read.checkpoint(CheckpointKey::whole(kind)).await.unwrap() < 400 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{kind:?} not caught up"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let stats = projector.decode_stats().await;
+        projector.stop().await.unwrap();
+
+        // Each runner alone would have decoded all 400.
+        assert_eq!(stats.decoded + stats.shared, 800);
+        assert!(
+            stats.decoded < 500,
+            "most events decoded once, not once per runner: {stats:?}"
+        );
     }
 }
