@@ -361,6 +361,7 @@ impl Runner {
             Some((position, _)) => position - 1,
             None => through,
         };
+        let (events_read, completions_in) = (events.len(), completions.len());
         let batch = ApplyBatch {
             key: self.key,
             completions,
@@ -368,8 +369,12 @@ impl Runner {
             through,
             lease: self.config.lease.clone(),
         };
+        let started = std::time::Instant::now();
         match self.read.apply(batch).await {
-            Ok(()) => {}
+            Ok(()) => {
+                tracing::debug!(key = %self.key, through, events = events_read, completions = completions_in,
+                    apply_ms = started.elapsed().as_secs_f64() * 1e3, "batch applied");
+            }
             Err(ReadStoreError::LeaseLost(_)) | Err(ReadStoreError::GenerationChanged { .. }) => {
                 return Err(Applied::Restart);
             }
