@@ -1,6 +1,6 @@
 //! The PostgreSQL read store: one schema per generation (`tracker_rm_g1`,
-//! `tracker_rm_g2`, ...) with the same tables, columns and column order as a
-//! SQLite generation file, and the `tracker_control` schema, which names the
+//! `tracker_rm_g2`, ...) with the same tables, columns and column order as
+//! the two files of a SQLite generation, and the `tracker_control` schema, which names the
 //! current generation and records which migrations each schema has had.
 //!
 //! It gives the same read models as [`crate::sqlite`] for the same events
@@ -1936,7 +1936,7 @@ impl ReadStore for PgReadStore {
             .await
             .map_err(pg("taking a snapshot"))?;
         let mut tables = Vec::with_capacity(SNAPSHOT_TABLES.len());
-        for (table, order) in SNAPSHOT_TABLES {
+        for (table, order, _) in SNAPSHOT_TABLES {
             let rows = tx
                 .query(&format!("SELECT * FROM {s}.{table} ORDER BY {order}"), &[])
                 .await
@@ -2039,7 +2039,7 @@ impl ReadStore for PgReadStore {
         // of the build before it.
         let tables: Vec<String> = SNAPSHOT_TABLES
             .iter()
-            .map(|(t, _)| format!("{s}.{t}"))
+            .map(|(t, _, _)| format!("{s}.{t}"))
             .collect();
         let mut client = self.client().await?;
         let tx = client

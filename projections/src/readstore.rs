@@ -2,9 +2,9 @@
 //! letters and leases. SQLite (embedded default) and PostgreSQL implement it
 //! and give identical read models for the same events.
 //!
-//! **Generations.** All read-model tables live in a generation (a SQLite file,
-//! a PostgreSQL schema). One generation is *current*: the one queries read and
-//! live projectors write. `tracker replay` builds a new generation from
+//! **Generations.** All read-model tables live in a generation (a SQLite
+//! file per projection, a PostgreSQL schema). One generation is *current*:
+//! the one queries read and live projectors write. `tracker replay` builds a new generation from
 //! position 0 beside the current one and switches the pointer atomically when
 //! it has caught up (blue/green). A live projector notices the switch at its
 //! next batch and carries on in the new generation from its checkpoint there.

@@ -1,6 +1,12 @@
-//! The embedded read store: one SQLite file per generation
-//! (`readmodels/<generation>.sqlite`) and `readmodels/control.sqlite`, which
-//! names the current generation.
+//! The embedded read store: two SQLite files per generation, one per
+//! projection (`readmodels/<generation>.institutions.sqlite`,
+//! `readmodels/<generation>.learners.sqlite`), and
+//! `readmodels/control.sqlite`, which names the current generation.
+//!
+//! SQLite has one writer per file: with a file each, the two projections
+//! write at the same time, each on its own connection, instead of taking
+//! turns on one. Each file holds its projection's rows with the checkpoints,
+//! leases and dead letters that must commit with them.
 //!
 //! Ids are the source's `u64`s stored in SQLite's signed 64-bit integers bit
 //! for bit (`as i64`): every id round-trips exactly; ids above 2^63-1, which
@@ -28,9 +34,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Page cache of a live projector's connection, in KiB.
 const LIVE_CACHE_KIB: i64 = 131_072;
 
-/// Schema of a generation file; `PRAGMA user_version` counts what is applied.
-const GENERATION_MIGRATIONS: &[&str] = &[
-    r#"
+/// What each projection's file has besides its own tables: the checkpoints,
+/// leases and dead letters written in the same transactions as its rows.
+const COMMON_SCHEMA: &str = r#"
 CREATE TABLE checkpoints (
     key      TEXT PRIMARY KEY,
     position INTEGER NOT NULL
@@ -49,7 +55,9 @@ CREATE TABLE leases (
     holder     TEXT    NOT NULL,
     expires_at INTEGER NOT NULL
 );
+"#;
 
+const INSTITUTIONS_SCHEMA: &str = r#"
 -- institutions projection
 CREATE TABLE inst_summary (
     institution_id     INTEGER PRIMARY KEY,
@@ -107,7 +115,14 @@ CREATE TABLE inst_m_course_learners (institution_id INTEGER NOT NULL, course_id 
     user_id INTEGER NOT NULL, PRIMARY KEY (institution_id, course_id, user_id)) WITHOUT ROWID;
 CREATE TABLE inst_m_day_learners (institution_id INTEGER NOT NULL, day TEXT NOT NULL,
     user_id INTEGER NOT NULL, PRIMARY KEY (institution_id, day, user_id)) WITHOUT ROWID;
+-- The query API: every sort of every list is an index range (keyset pages).
+CREATE INDEX inst_trails_by_name ON inst_trails (institution_id, name, trail_id);
+CREATE INDEX inst_trails_by_completions ON inst_trails (institution_id, completions, trail_id);
+CREATE INDEX inst_courses_by_title ON inst_courses (institution_id, title, course_id);
+CREATE INDEX inst_courses_by_completions ON inst_courses (institution_id, completions, course_id);
+"#;
 
+const LEARNERS_SCHEMA: &str = r#"
 -- learners projection
 CREATE TABLE lrn_learners (
     institution_id     INTEGER NOT NULL,
@@ -148,20 +163,22 @@ CREATE INDEX lrn_completions_by_user ON lrn_completions (institution_id, user_id
 CREATE INDEX lrn_completions_by_trail ON lrn_completions (institution_id, trail_id, position);
 CREATE TABLE lrn_m_trail_learners (institution_id INTEGER NOT NULL, trail_id INTEGER NOT NULL,
     user_id INTEGER NOT NULL, PRIMARY KEY (institution_id, trail_id, user_id)) WITHOUT ROWID;
-"#,
-    r#"
 -- The query API: every sort of every list is an index range (keyset pages).
-CREATE INDEX inst_trails_by_name ON inst_trails (institution_id, name, trail_id);
-CREATE INDEX inst_trails_by_completions ON inst_trails (institution_id, completions, trail_id);
-CREATE INDEX inst_courses_by_title ON inst_courses (institution_id, title, course_id);
-CREATE INDEX inst_courses_by_completions ON inst_courses (institution_id, completions, course_id);
 CREATE INDEX lrn_learners_by_name ON lrn_learners (institution_id, name, user_id);
 CREATE INDEX lrn_learners_by_completions ON lrn_learners (institution_id, completions, user_id);
 CREATE INDEX lrn_completions_by_institution ON lrn_completions (institution_id, position);
 CREATE INDEX lrn_completions_by_user_time ON lrn_completions (institution_id, user_id, finished_at, position);
 CREATE INDEX lrn_completions_by_trail_time ON lrn_completions (institution_id, trail_id, finished_at, position);
-"#,
-];
+"#;
+
+/// Schema of a projection's file; `PRAGMA user_version` counts what is
+/// applied.
+fn migrations(kind: ProjectionKind) -> &'static [&'static str] {
+    match kind {
+        ProjectionKind::Institutions => &[COMMON_SCHEMA, INSTITUTIONS_SCHEMA],
+        ProjectionKind::Learners => &[COMMON_SCHEMA, LEARNERS_SCHEMA],
+    }
+}
 
 const CONTROL_MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE generations (
@@ -175,16 +192,45 @@ CREATE TABLE current_generation (
 );
 "#];
 
-/// The read-model tables in a snapshot, with their sort keys.
-pub(crate) const SNAPSHOT_TABLES: &[(&str, &str)] = &[
-    ("inst_summary", "institution_id"),
-    ("inst_trails", "institution_id, trail_id"),
-    ("inst_courses", "institution_id, course_id"),
-    ("inst_trail_courses", "institution_id, trail_id, course_id"),
-    ("inst_daily", "institution_id, day"),
-    ("lrn_learners", "institution_id, user_id"),
-    ("lrn_learner_trails", "institution_id, user_id, trail_id"),
-    ("lrn_completions", "position"),
+/// The read-model tables in a snapshot, with their sort keys and the
+/// projection that writes them.
+pub(crate) const SNAPSHOT_TABLES: &[(&str, &str, ProjectionKind)] = &[
+    (
+        "inst_summary",
+        "institution_id",
+        ProjectionKind::Institutions,
+    ),
+    (
+        "inst_trails",
+        "institution_id, trail_id",
+        ProjectionKind::Institutions,
+    ),
+    (
+        "inst_courses",
+        "institution_id, course_id",
+        ProjectionKind::Institutions,
+    ),
+    (
+        "inst_trail_courses",
+        "institution_id, trail_id, course_id",
+        ProjectionKind::Institutions,
+    ),
+    (
+        "inst_daily",
+        "institution_id, day",
+        ProjectionKind::Institutions,
+    ),
+    (
+        "lrn_learners",
+        "institution_id, user_id",
+        ProjectionKind::Learners,
+    ),
+    (
+        "lrn_learner_trails",
+        "institution_id, user_id, trail_id",
+        ProjectionKind::Learners,
+    ),
+    ("lrn_completions", "position", ProjectionKind::Learners),
 ];
 
 fn storage(e: impl std::fmt::Display) -> ReadStoreError {
@@ -258,16 +304,42 @@ fn open(path: &Path, migrations: &[&str]) -> Result<Connection, ReadStoreError> 
     Ok(conn)
 }
 
-struct State {
+/// Index of a projection's file in [`Files::conns`].
+fn slot(kind: ProjectionKind) -> usize {
+    match kind {
+        ProjectionKind::Institutions => 0,
+        ProjectionKind::Learners => 1,
+    }
+}
+
+/// A generation's files, each with its own connection: a batch of one
+/// projection never waits for the other's.
+struct Files {
     generation: String,
-    conn: Connection,
+    conns: [Arc<Mutex<Connection>>; 2],
+}
+
+impl Files {
+    fn open(
+        generation: String,
+        mut open: impl FnMut(ProjectionKind) -> Result<Connection, ReadStoreError>,
+    ) -> Result<Self, ReadStoreError> {
+        let [institutions, learners] = ProjectionKind::ALL;
+        Ok(Self {
+            conns: [
+                Arc::new(Mutex::new(open(institutions)?)),
+                Arc::new(Mutex::new(open(learners)?)),
+            ],
+            generation,
+        })
+    }
 }
 
 /// The embedded read store. Cheap to clone.
 #[derive(Clone)]
 pub struct SqliteReadStore {
     dir: PathBuf,
-    state: Arc<Mutex<State>>,
+    files: Arc<Mutex<Files>>,
     control: Arc<Mutex<Connection>>,
     /// A handle that follows the current pointer (live projector, queries);
     /// a rebuild's handle stays on its own generation.
@@ -278,9 +350,9 @@ pub struct SqliteReadStore {
     checkpointer: Option<Arc<Checkpointer>>,
 }
 
-/// Copies the current generation's WAL into its file every 100 ms from a
-/// thread and connection of its own (`PRAGMA wal_checkpoint(PASSIVE)`: it
-/// never waits for the projector or the readers), so that a projector's
+/// Copies the current generation's WALs into their files every 100 ms from
+/// a thread and connections of its own (`PRAGMA wal_checkpoint(PASSIVE)`:
+/// it never waits for the projector or the readers), so that a projector's
 /// commit never stops to run a checkpoint. It follows the current pointer
 /// in `control.sqlite`, so a rebuild's switch moves it too. Stopped when
 /// the last handle is dropped.
@@ -300,7 +372,7 @@ impl Checkpointer {
         let handle = std::thread::Builder::new()
             .name("read-store-checkpointer".into())
             .spawn(move || {
-                let mut target: Option<(String, Connection)> = None;
+                let mut target: Option<(String, Vec<Connection>)> = None;
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(Self::EVERY)
                 {
@@ -320,19 +392,28 @@ impl Checkpointer {
     fn checkpoint(
         control: &Connection,
         dir: &Path,
-        target: &mut Option<(String, Connection)>,
+        target: &mut Option<(String, Vec<Connection>)>,
     ) -> Result<(), ReadStoreError> {
         let Some(current) = current_generation(control)? else {
             return Ok(());
         };
         if target.as_ref().is_none_or(|(name, _)| *name != current) {
-            let conn = Connection::open(generation_path(dir, &current)).map_err(storage)?;
-            conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
-            *target = Some((current, conn));
+            let conns = ProjectionKind::ALL
+                .into_iter()
+                .map(|kind| {
+                    let conn =
+                        Connection::open(projection_path(dir, &current, kind)).map_err(storage)?;
+                    conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
+                    Ok(conn)
+                })
+                .collect::<Result<_, ReadStoreError>>()?;
+            *target = Some((current, conns));
         }
-        if let Some((_, conn)) = target {
-            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                .map_err(storage)?;
+        if let Some((_, conns)) = target {
+            for conn in conns {
+                conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    .map_err(storage)?;
+            }
         }
         Ok(())
     }
@@ -347,14 +428,19 @@ impl Drop for Checkpointer {
     }
 }
 
-/// Opens a generation for a handle that follows the current pointer: with
-/// a background checkpointer its commits leave checkpoints to it, but for
-/// one past [`tracker_store::WAL_RESTART_FRAMES`] pages of WAL, which lets
-/// the WAL start over (a checkpoint from another connection never does
-/// while the projector commits back to back, and the WAL would grow for
-/// the whole of a catch-up).
-fn open_live(path: &Path, checkpointer: bool) -> Result<Connection, ReadStoreError> {
-    let conn = open(path, GENERATION_MIGRATIONS)?;
+/// Opens a projection's file for a handle that follows the current pointer:
+/// with a background checkpointer its commits leave checkpoints to it, but
+/// for one past [`tracker_store::WAL_RESTART_FRAMES`] pages of WAL, which
+/// lets the WAL start over (a checkpoint from another connection never does
+/// while the projector commits back to back, and the WAL would grow for the
+/// whole of a catch-up).
+fn open_live(
+    dir: &Path,
+    generation: &str,
+    kind: ProjectionKind,
+    checkpointer: bool,
+) -> Result<Connection, ReadStoreError> {
+    let conn = open(&projection_path(dir, generation, kind), migrations(kind))?;
     // A projector's batch reads and updates rows all over the read models
     // (membership keys, counters, their sort indexes); with SQLite's 2 MiB
     // default most of those pages came from the kernel on every batch
@@ -370,6 +456,53 @@ fn open_live(path: &Path, checkpointer: bool) -> Result<Connection, ReadStoreErr
         .map_err(storage)?;
     }
     Ok(conn)
+}
+
+/// Opens a projection's file of a generation being built: nobody reads it
+/// until `seal` and the switch, and a crash before then only abandons it, so
+/// it is written without a journal or waiting for the disk, with a large
+/// page cache, and without the secondary (read-side) indexes, which are
+/// built once at `seal` from sorted data instead of updated row by row.
+fn open_building(
+    dir: &Path,
+    generation: &str,
+    kind: ProjectionKind,
+) -> Result<Connection, ReadStoreError> {
+    let path = projection_path(dir, generation, kind);
+    // A leftover file of an abandoned rebuild with the same name would hold
+    // stale rows: start empty.
+    remove_database(&path);
+    let conn = open(&path, migrations(kind))?;
+    conn.pragma_update(None, "journal_mode", "OFF")
+        .map_err(storage)?;
+    conn.pragma_update(None, "synchronous", "OFF")
+        .map_err(storage)?;
+    conn.pragma_update(None, "cache_size", -262_144)
+        .map_err(storage)?;
+    // `seal` sorts every read index: let SQLite's sorter use a second core.
+    conn.pragma_update(None, "threads", 2).map_err(storage)?;
+    defer_secondary_indexes(&conn)?;
+    Ok(conn)
+}
+
+/// Builds a file's read indexes, returns it to WAL and full durability,
+/// and flushes it.
+fn seal_file(conn: &Connection, path: &Path) -> Result<(), ReadStoreError> {
+    restore_deferred_indexes(conn)?;
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+        .map_err(storage)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(storage)?;
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .map_err(storage)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(storage)?;
+    // Everything above was written without a journal or a sync, and a
+    // checkpoint of an empty WAL syncs nothing: flush the file before the
+    // pointer can name it.
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| storage(format!("syncing {}: {e}", path.display())))
 }
 
 impl std::fmt::Debug for SqliteReadStore {
@@ -405,6 +538,13 @@ impl SqliteReadStore {
             }
         };
         tx.commit().map_err(storage)?;
+        if generation_path(&dir, &generation).exists() {
+            tracing::warn!(
+                %generation,
+                "read models of an older layout (one file for both projections): \
+                 the projections start over in one file each; `tracker replay` rebuilds them faster"
+            );
+        }
         let checkpointer = match Checkpointer::start(&dir) {
             Ok(c) => Some(Arc::new(c)),
             Err(e) => {
@@ -412,10 +552,12 @@ impl SqliteReadStore {
                 None
             }
         };
-        let conn = open_live(&generation_path(&dir, &generation), checkpointer.is_some())?;
+        let files = Files::open(generation.clone(), |kind| {
+            open_live(&dir, &generation, kind, checkpointer.is_some())
+        })?;
         Ok(Self {
             dir,
-            state: Arc::new(Mutex::new(State { generation, conn })),
+            files: Arc::new(Mutex::new(files)),
             control: Arc::new(Mutex::new(control)),
             follows_current: true,
             checkpointer,
@@ -436,20 +578,45 @@ impl SqliteReadStore {
         Ok(())
     }
 
-    /// Runs `f` on this handle's generation connection on a blocking thread.
-    pub async fn with_conn<T, F>(&self, f: F) -> Result<T, ReadStoreError>
+    /// Runs `f` on the connection of `kind`'s file of this handle's
+    /// generation, on a blocking thread. The two files' connections are
+    /// independent: `f` holds only its own.
+    pub async fn with_conn<T, F>(&self, kind: ProjectionKind, f: F) -> Result<T, ReadStoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection, &str) -> Result<T, ReadStoreError> + Send + 'static,
     {
-        let state = Arc::clone(&self.state);
+        let (generation, conn) = {
+            let files = lock(&self.files)?;
+            (
+                files.generation.clone(),
+                Arc::clone(&files.conns[slot(kind)]),
+            )
+        };
         tokio::task::spawn_blocking(move || {
-            let mut guard = lock(&state)?;
-            let State { generation, conn } = &mut *guard;
-            f(conn, generation)
+            let mut conn = conn
+                .lock()
+                .map_err(|_| storage("read store connection lock poisoned"))?;
+            f(&mut conn, &generation)
         })
         .await
         .map_err(|e| storage(format!("read store task failed: {e}")))?
+    }
+
+    /// `f` on each projection's file in turn, results in
+    /// [`ProjectionKind::ALL`] order.
+    async fn with_each<T, F>(&self, f: F) -> Result<Vec<T>, ReadStoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&mut Connection) -> Result<T, ReadStoreError> + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        let mut out = Vec::with_capacity(ProjectionKind::ALL.len());
+        for kind in ProjectionKind::ALL {
+            let f = Arc::clone(&f);
+            out.push(self.with_conn(kind, move |conn, _| f(conn)).await?);
+        }
+        Ok(out)
     }
 
     async fn with_control<T, F>(&self, f: F) -> Result<T, ReadStoreError>
@@ -469,8 +636,8 @@ impl SqliteReadStore {
     }
 }
 
-fn lock(state: &Mutex<State>) -> Result<MutexGuard<'_, State>, ReadStoreError> {
-    state
+fn lock(files: &Mutex<Files>) -> Result<MutexGuard<'_, Files>, ReadStoreError> {
+    files
         .lock()
         .map_err(|_| storage("read store connection lock poisoned"))
 }
@@ -526,8 +693,32 @@ fn restore_deferred_indexes(conn: &Connection) -> Result<(), ReadStoreError> {
     conn.execute_batch(&batch).map_err(storage)
 }
 
+/// A projection's file of a generation.
+pub(crate) fn projection_path(dir: &Path, generation: &str, kind: ProjectionKind) -> PathBuf {
+    dir.join(format!("{generation}.{}.sqlite", kind.name()))
+}
+
+/// The one file of a generation of the layout before the projections had a
+/// file each; still removed with its generation.
 fn generation_path(dir: &Path, generation: &str) -> PathBuf {
     dir.join(format!("{generation}.sqlite"))
+}
+
+/// Removes a database file with its WAL and shared-memory files.
+fn remove_database(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.to_path_buf().into_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(p));
+    }
+}
+
+/// Removes every file of a generation.
+fn remove_generation(dir: &Path, generation: &str) {
+    remove_database(&generation_path(dir, generation));
+    for kind in ProjectionKind::ALL {
+        remove_database(&projection_path(dir, generation, kind));
+    }
 }
 
 fn current_generation(control: &Connection) -> Result<Option<String>, ReadStoreError> {
@@ -1073,22 +1264,91 @@ fn apply_blocking(
     tx.commit().map_err(storage)
 }
 
+/// The file a lease lives in: a lease is named by the checkpoint key it
+/// guards, so it is renewed in the transaction that moves that checkpoint.
+fn lease_kind(name: &str) -> ProjectionKind {
+    CheckpointKey::parse(name).map_or(ProjectionKind::Institutions, |k| k.projection)
+}
+
+fn read_dead_letters(conn: &Connection, limit: usize) -> Result<Vec<DeadLetter>, ReadStoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT projection, position, event_id, event_type, error, recorded_at
+             FROM dead_letters ORDER BY position, projection LIMIT ?1",
+        )
+        .map_err(storage)?;
+    let rows = stmt
+        .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })
+        .map_err(storage)?;
+    rows.map(|r| {
+        let (projection, position, event_id, event_type, error, at) = r.map_err(storage)?;
+        Ok(DeadLetter {
+            projection,
+            position: u64::try_from(position).unwrap_or(0),
+            event_id: event_id.parse().map_err(storage)?,
+            event_type,
+            error,
+            recorded_at: DateTime::parse_from_rfc3339(&at)
+                .map_err(storage)?
+                .with_timezone(&Utc),
+        })
+    })
+    .collect()
+}
+
+/// Every row of `table`, sorted by `order`, rendered as text.
+fn dump_table(
+    conn: &Connection,
+    table: &str,
+    order: &str,
+) -> Result<Vec<Vec<String>>, ReadStoreError> {
+    let mut stmt = conn
+        .prepare(&format!("SELECT * FROM {table} ORDER BY {order}"))
+        .map_err(storage)?;
+    let columns = stmt.column_count();
+    stmt.query_map([], |r| {
+        (0..columns)
+            .map(|i| {
+                Ok(match r.get_ref(i)? {
+                    rusqlite::types::ValueRef::Null => "null".to_owned(),
+                    rusqlite::types::ValueRef::Integer(v) => v.to_string(),
+                    rusqlite::types::ValueRef::Real(v) => v.to_string(),
+                    rusqlite::types::ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                    rusqlite::types::ValueRef::Blob(b) => format!("{b:?}"),
+                })
+            })
+            .collect::<Result<Vec<String>, rusqlite::Error>>()
+    })
+    .map_err(storage)?
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(storage)
+}
+
 #[async_trait]
 impl ReadStore for SqliteReadStore {
     fn generation(&self) -> String {
-        lock(&self.state)
-            .map(|s| s.generation.clone())
+        lock(&self.files)
+            .map(|f| f.generation.clone())
             .unwrap_or_default()
     }
 
     async fn checkpoint(&self, key: CheckpointKey) -> Result<Position, ReadStoreError> {
-        self.with_conn(move |conn, _| read_checkpoint(conn, key))
+        self.with_conn(key.projection, move |conn, _| read_checkpoint(conn, key))
             .await
     }
 
     async fn apply(&self, batch: ApplyBatch) -> Result<(), ReadStoreError> {
         let control = self.follows_current.then(|| Arc::clone(&self.control));
-        self.with_conn(move |conn, generation| {
+        self.with_conn(batch.key.projection, move |conn, generation| {
             apply_blocking(conn, generation, control.as_deref(), batch)
         })
         .await
@@ -1096,7 +1356,7 @@ impl ReadStore for SqliteReadStore {
 
     async fn load_completions(&self, rows: Vec<Completion>) -> Result<(), ReadStoreError> {
         self.building()?;
-        self.with_conn(move |conn, _| {
+        self.with_conn(ProjectionKind::Learners, move |conn, _| {
             let tx = conn.transaction().map_err(storage)?;
             write_completions(&tx, &rows)?;
             tx.commit().map_err(storage)
@@ -1106,8 +1366,10 @@ impl ReadStore for SqliteReadStore {
 
     async fn load_final(&self, load: FinalLoad) -> Result<(), ReadStoreError> {
         self.building()?;
-        self.with_conn(move |conn, _| load_final_blocking(conn, load))
-            .await
+        self.with_conn(load.projection, move |conn, _| {
+            load_final_blocking(conn, load)
+        })
+        .await
     }
 
     async fn acquire_lease(
@@ -1117,7 +1379,7 @@ impl ReadStore for SqliteReadStore {
         ttl: Duration,
     ) -> Result<bool, ReadStoreError> {
         let (name, holder) = (name.to_owned(), holder.0.clone());
-        self.with_conn(move |conn, _| {
+        self.with_conn(lease_kind(&name), move |conn, _| {
             let now = now_ms();
             let changed = conn
                 .execute(
@@ -1134,7 +1396,7 @@ impl ReadStore for SqliteReadStore {
 
     async fn release_lease(&self, name: &str, holder: &LeaseHolder) -> Result<(), ReadStoreError> {
         let (name, holder) = (name.to_owned(), holder.0.clone());
-        self.with_conn(move |conn, _| {
+        self.with_conn(lease_kind(&name), move |conn, _| {
             conn.execute(
                 "UPDATE leases SET expires_at = 0 WHERE name = ?1 AND holder = ?2",
                 params![name, holder],
@@ -1146,115 +1408,75 @@ impl ReadStore for SqliteReadStore {
     }
 
     async fn live_leases(&self) -> Result<Vec<String>, ReadStoreError> {
-        self.with_conn(|conn, _| {
-            let mut stmt = conn
-                .prepare_cached("SELECT name FROM leases WHERE expires_at > ?1 ORDER BY name")
-                .map_err(storage)?;
-            let rows = stmt
-                .query_map([now_ms()], |r| r.get::<_, String>(0))
-                .map_err(storage)?;
-            rows.map(|r| r.map_err(storage)).collect()
-        })
-        .await
+        let each = self
+            .with_each(|conn| {
+                let mut stmt = conn
+                    .prepare_cached("SELECT name FROM leases WHERE expires_at > ?1")
+                    .map_err(storage)?;
+                let rows = stmt
+                    .query_map([now_ms()], |r| r.get::<_, String>(0))
+                    .map_err(storage)?;
+                rows.map(|r| r.map_err(storage))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        let mut names: Vec<String> = each.into_iter().flatten().collect();
+        names.sort_unstable();
+        Ok(names)
     }
 
     async fn checkpoints(&self) -> Result<Vec<(String, Position)>, ReadStoreError> {
-        self.with_conn(|conn, _| {
-            let mut stmt = conn
-                .prepare_cached("SELECT key, position FROM checkpoints ORDER BY key")
-                .map_err(storage)?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-                .map_err(storage)?;
-            rows.map(|r| {
-                r.map(|(k, p)| (k, u64::try_from(p).unwrap_or(0)))
-                    .map_err(storage)
+        let each = self
+            .with_each(|conn| {
+                let mut stmt = conn
+                    .prepare_cached("SELECT key, position FROM checkpoints")
+                    .map_err(storage)?;
+                let rows = stmt
+                    .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                    .map_err(storage)?;
+                rows.map(|r| {
+                    r.map(|(k, p)| (k, u64::try_from(p).unwrap_or(0)))
+                        .map_err(storage)
+                })
+                .collect::<Result<Vec<_>, _>>()
             })
-            .collect()
-        })
-        .await
+            .await?;
+        let mut all: Vec<(String, Position)> = each.into_iter().flatten().collect();
+        all.sort_unstable();
+        Ok(all)
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, ReadStoreError> {
-        self.with_conn(move |conn, _| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT projection, position, event_id, event_type, error, recorded_at
-                     FROM dead_letters ORDER BY position, projection LIMIT ?1",
-                )
-                .map_err(storage)?;
-            let rows = stmt
-                .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, String>(5)?,
-                    ))
-                })
-                .map_err(storage)?;
-            rows.map(|r| {
-                let (projection, position, event_id, event_type, error, at) = r.map_err(storage)?;
-                Ok(DeadLetter {
-                    projection,
-                    position: u64::try_from(position).unwrap_or(0),
-                    event_id: event_id.parse().map_err(storage)?,
-                    event_type,
-                    error,
-                    recorded_at: DateTime::parse_from_rfc3339(&at)
-                        .map_err(storage)?
-                        .with_timezone(&Utc),
-                })
-            })
-            .collect()
-        })
-        .await
+        let each = self
+            .with_each(move |conn| read_dead_letters(conn, limit))
+            .await?;
+        let mut all: Vec<DeadLetter> = each.into_iter().flatten().collect();
+        all.sort_by(|a, b| (a.position, &a.projection).cmp(&(b.position, &b.projection)));
+        all.truncate(limit);
+        Ok(all)
     }
 
     async fn dead_letter_count(&self) -> Result<u64, ReadStoreError> {
-        self.with_conn(|conn, _| {
-            let n: i64 = conn
-                .query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))
-                .map_err(storage)?;
-            Ok(u64::try_from(n).unwrap_or(0))
-        })
-        .await
+        let each = self
+            .with_each(|conn| {
+                let n: i64 = conn
+                    .query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))
+                    .map_err(storage)?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            })
+            .await?;
+        Ok(each.into_iter().sum())
     }
 
     async fn snapshot(&self) -> Result<Snapshot, ReadStoreError> {
-        self.with_conn(|conn, _| {
-            let mut tables = Vec::new();
-            for (table, order) in SNAPSHOT_TABLES {
-                let mut stmt = conn
-                    .prepare(&format!("SELECT * FROM {table} ORDER BY {order}"))
-                    .map_err(storage)?;
-                let columns = stmt.column_count();
-                let rows = stmt
-                    .query_map([], |r| {
-                        (0..columns)
-                            .map(|i| {
-                                Ok(match r.get_ref(i)? {
-                                    rusqlite::types::ValueRef::Null => "null".to_owned(),
-                                    rusqlite::types::ValueRef::Integer(v) => v.to_string(),
-                                    rusqlite::types::ValueRef::Real(v) => v.to_string(),
-                                    rusqlite::types::ValueRef::Text(t) => {
-                                        String::from_utf8_lossy(t).into_owned()
-                                    }
-                                    rusqlite::types::ValueRef::Blob(b) => format!("{b:?}"),
-                                })
-                            })
-                            .collect::<Result<Vec<String>, rusqlite::Error>>()
-                    })
-                    .map_err(storage)?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(storage)?;
-                tables.push(((*table).to_owned(), rows));
-            }
-            Ok(Snapshot { tables })
-        })
-        .await
+        let mut tables = Vec::with_capacity(SNAPSHOT_TABLES.len());
+        for (table, order, kind) in SNAPSHOT_TABLES {
+            let rows = self
+                .with_conn(*kind, move |conn, _| dump_table(conn, table, order))
+                .await?;
+            tables.push(((*table).to_owned(), rows));
+        }
+        Ok(Snapshot { tables })
     }
 
     async fn follow_current(&self) -> Result<bool, ReadStoreError> {
@@ -1268,16 +1490,14 @@ impl ReadStore for SqliteReadStore {
         if current == self.generation() {
             return Ok(false);
         }
-        let path = generation_path(&self.dir, &current);
-        let state = Arc::clone(&self.state);
+        let dir = self.dir.clone();
+        let files = Arc::clone(&self.files);
         let checkpointer = self.checkpointer.is_some();
         tokio::task::spawn_blocking(move || {
-            let conn = open_live(&path, checkpointer)?;
-            let mut guard = lock(&state)?;
-            *guard = State {
-                generation: current,
-                conn,
-            };
+            let opened = Files::open(current.clone(), |kind| {
+                open_live(&dir, &current, kind, checkpointer)
+            })?;
+            *lock(&files)? = opened;
             Ok::<_, ReadStoreError>(())
         })
         .await
@@ -1289,41 +1509,19 @@ impl ReadStore for SqliteReadStore {
         let dir = self.dir.clone();
         let control = Arc::clone(&self.control);
         let generation = self.with_control(|c| new_generation_name(c)).await?;
-        let conn = tokio::task::spawn_blocking({
-            let path = generation_path(&dir, &generation);
+        let files = tokio::task::spawn_blocking({
+            let dir = dir.clone();
             move || {
-                // A leftover file of an abandoned rebuild with the same name
-                // would hold stale rows: start empty.
-                for suffix in ["", "-wal", "-shm"] {
-                    let mut p = path.clone().into_os_string();
-                    p.push(suffix);
-                    let _ = std::fs::remove_file(PathBuf::from(p));
-                }
-                let conn = open(&path, GENERATION_MIGRATIONS)?;
-                // Nobody reads this file until `seal` and the switch, and a
-                // crash before then only abandons it: build it without a
-                // journal or waiting for the disk, with a large page cache,
-                // and without the secondary (read-side) indexes, which are
-                // built once at `seal` from sorted data instead of updated
-                // row by row.
-                conn.pragma_update(None, "journal_mode", "OFF")
-                    .map_err(storage)?;
-                conn.pragma_update(None, "synchronous", "OFF")
-                    .map_err(storage)?;
-                conn.pragma_update(None, "cache_size", -262_144)
-                    .map_err(storage)?;
-                // `seal` sorts every read index: let SQLite's sorter use a
-                // second core.
-                conn.pragma_update(None, "threads", 2).map_err(storage)?;
-                defer_secondary_indexes(&conn)?;
-                Ok::<_, ReadStoreError>(conn)
+                Files::open(generation.clone(), |kind| {
+                    open_building(&dir, &generation, kind)
+                })
             }
         })
         .await
         .map_err(|e| storage(format!("read store task failed: {e}")))??;
         Ok(Box::new(SqliteReadStore {
             dir,
-            state: Arc::new(Mutex::new(State { generation, conn })),
+            files: Arc::new(Mutex::new(files)),
             control,
             follows_current: false,
             checkpointer: None,
@@ -1331,30 +1529,20 @@ impl ReadStore for SqliteReadStore {
     }
 
     async fn seal(&self) -> Result<(), ReadStoreError> {
-        let dir = self.dir.clone();
-        self.with_conn(move |conn, generation| {
-            restore_deferred_indexes(conn)?;
-            // Back to WAL and full durability.
-            conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
-                .map_err(storage)?;
-            conn.pragma_update(None, "synchronous", "FULL")
-                .map_err(storage)?;
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-                .map_err(storage)?;
-            conn.pragma_update(None, "synchronous", "NORMAL")
-                .map_err(storage)?;
-            // Everything above was written without a journal or a sync, and
-            // a checkpoint of an empty WAL syncs nothing: flush the file and
-            // its directory entry before the pointer can name it.
-            let path = generation_path(&dir, generation);
-            std::fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| storage(format!("syncing {}: {e}", path.display())))?;
-            std::fs::File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| storage(format!("syncing {}: {e}", dir.display())))
-        })
-        .await
+        // Both files at once: each builds its own read indexes on its own
+        // connection.
+        let seal = |kind: ProjectionKind| {
+            let dir = self.dir.clone();
+            self.with_conn(kind, move |conn, generation| {
+                seal_file(conn, &projection_path(&dir, generation, kind))
+            })
+        };
+        let [institutions, learners] = ProjectionKind::ALL;
+        tokio::try_join!(seal(institutions), seal(learners))?;
+        // The files' directory entries, before the pointer can name them.
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| storage(format!("syncing {}: {e}", self.dir.display())))
     }
 
     async fn switch_to(&self, generation: &str) -> Result<(), ReadStoreError> {
@@ -1407,11 +1595,7 @@ impl ReadStore for SqliteReadStore {
             })
             .await?;
         for old in obsolete {
-            for suffix in ["", "-wal", "-shm"] {
-                let mut p = generation_path(&dir, &old).into_os_string();
-                p.push(suffix);
-                let _ = std::fs::remove_file(PathBuf::from(p));
-            }
+            remove_generation(&dir, &old);
         }
         Ok(())
     }

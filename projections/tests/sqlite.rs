@@ -845,27 +845,166 @@ async fn a_rebuilt_generation_has_every_index_back() {
         .await
         .unwrap();
     let describe = |generation: &str| {
-        let conn = rusqlite::Connection::open(dir.join(format!("{generation}.sqlite"))).unwrap();
-        let indexes: Vec<String> = conn
-            .prepare("SELECT name || ':' || COALESCE(sql, '') FROM sqlite_master WHERE type IN ('index', 'table') ORDER BY name")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
+        let mut indexes = Vec::new();
+        let mut modes = Vec::new();
+        for kind in ProjectionKind::ALL {
+            let conn = rusqlite::Connection::open(
+                dir.join(format!("{generation}.{}.sqlite", kind.name())),
+            )
             .unwrap();
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .unwrap();
-        (indexes, mode)
+            let mut stmt = conn
+                .prepare("SELECT name || ':' || COALESCE(sql, '') FROM sqlite_master WHERE type IN ('index', 'table') ORDER BY name")
+                .unwrap();
+            let names = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .unwrap()
+                .map(|n| format!("{}/{}", kind.name(), n.unwrap()));
+            indexes.extend(names);
+            drop(stmt);
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+                .unwrap();
+            modes.push(mode);
+        }
+        (indexes, modes)
     };
-    let (fresh, fresh_mode) = describe(&first);
-    let (built, built_mode) = describe(&rebuilt);
+    let (fresh, fresh_modes) = describe(&first);
+    let (built, built_modes) = describe(&rebuilt);
     assert!(
-        fresh.iter().any(|i| i.starts_with("inst_trails_by_name")),
+        fresh
+            .iter()
+            .any(|i| i.starts_with("institutions/inst_trails_by_name")),
+        "{fresh:?}"
+    );
+    assert!(
+        fresh
+            .iter()
+            .any(|i| i.starts_with("learners/lrn_completions_by_time")),
         "{fresh:?}"
     );
     assert_eq!(built, fresh);
-    assert_eq!((built_mode.as_str(), fresh_mode.as_str()), ("wal", "wal"));
+    assert_eq!(built_modes, ["wal", "wal"]);
+    assert_eq!(fresh_modes, ["wal", "wal"]);
+}
+
+/// A switch keeps the generation it replaces and removes every file of the
+/// ones before it, a single file of the layout before the projections had
+/// one each included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_removes_every_file_of_older_generations() {
+    let env = env();
+    ingest_known(&*env.events).await;
+    let dir = env.read.dir().to_path_buf();
+    let first = env.read.generation();
+    std::fs::write(dir.join(format!("{first}.sqlite")), b"").unwrap();
+    let files = |generation: &str| {
+        ["sqlite", "institutions.sqlite", "learners.sqlite"]
+            .map(|suffix| dir.join(format!("{generation}.{suffix}")).exists())
+    };
+    assert_eq!(files(&first), [true, true, true]);
+    let replay = || tracker_projections::replay::replay(Arc::clone(&env.events), &env.read, |_| {});
+    let second = replay().await.unwrap();
+    assert_eq!(
+        files(&first),
+        [true, true, true],
+        "the replaced one is kept"
+    );
+    let third = replay().await.unwrap();
+    assert_eq!(files(&first), [false, false, false]);
+    assert_eq!(files(&second), [false, true, true]);
+    assert_eq!(files(&third), [false, true, true]);
+}
+
+/// Each projection has a file of its own, holding only its own tables
+/// (with the checkpoints, leases and dead letters that commit with them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_projection_has_a_file_with_only_its_tables() {
+    let env = env();
+    let generation = env.read.generation();
+    let tables = |kind: ProjectionKind| {
+        let conn = rusqlite::Connection::open(
+            env.read
+                .dir()
+                .join(format!("{generation}.{}.sqlite", kind.name())),
+        )
+        .unwrap();
+        let mut stmt = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap();
+        stmt.query_map([], |r| r.get::<_, String>(0))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+    };
+    let institutions = tables(ProjectionKind::Institutions);
+    let learners = tables(ProjectionKind::Learners);
+    for common in ["checkpoints", "dead_letters", "leases"] {
+        assert!(institutions.iter().any(|t| t == common), "{institutions:?}");
+        assert!(learners.iter().any(|t| t == common), "{learners:?}");
+    }
+    assert!(
+        institutions.iter().any(|t| t == "inst_summary")
+            && !institutions.iter().any(|t| t.starts_with("lrn_")),
+        "{institutions:?}"
+    );
+    assert!(
+        learners.iter().any(|t| t == "lrn_completions")
+            && !learners.iter().any(|t| t.starts_with("inst_")),
+        "{learners:?}"
+    );
+    assert!(
+        !env.read.dir().join(format!("{generation}.sqlite")).exists(),
+        "no single file for both"
+    );
+}
+
+/// The projections write through a connection each: a batch of one is
+/// applied while the other's connection is busy (SQLite allows one writer
+/// per file; with one file for both they took turns).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_projection_applies_while_the_others_connection_is_busy() {
+    let env = env();
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let (started, busy) = tokio::sync::oneshot::channel::<()>();
+    let hold = {
+        let read = env.read.clone();
+        tokio::spawn(async move {
+            read.with_conn(ProjectionKind::Institutions, move |conn, _| {
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(|e| ReadStoreError::Storage(e.to_string()))?;
+                let _ = started.send(());
+                let _ = held.recv_timeout(Duration::from_secs(30));
+                tx.commit()
+                    .map_err(|e| ReadStoreError::Storage(e.to_string()))
+            })
+            .await
+        })
+    };
+    busy.await.unwrap();
+    let applied = tokio::time::timeout(
+        Duration::from_secs(10),
+        env.read.apply(ApplyBatch {
+            key: CheckpointKey::whole(ProjectionKind::Learners),
+            completions: Vec::new(),
+            dead_letters: Vec::new(),
+            through: 7,
+            lease: None,
+        }),
+    )
+    .await;
+    release.send(()).unwrap();
+    hold.await.unwrap().unwrap();
+    applied
+        .expect("the learners batch waited for the institutions connection")
+        .unwrap();
+    assert_eq!(
+        env.read
+            .checkpoint(CheckpointKey::whole(ProjectionKind::Learners))
+            .await
+            .unwrap(),
+        7
+    );
 }
 
 /// One entry of a generated log: a completion, an undecodable completion

@@ -35,41 +35,49 @@ fn completion(position: u64) -> Completion {
 async fn projector_commits_leave_checkpoints_to_a_background_thread() {
     let dir = tempfile::tempdir().unwrap();
     let read = SqliteReadStore::open(dir.path().join("readmodels")).unwrap();
-    let autocheckpoint: i64 = read
-        .with_conn(|conn, _| {
-            conn.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
-                .map_err(|e| ReadStoreError::Storage(e.to_string()))
+    for kind in ProjectionKind::ALL {
+        let autocheckpoint: i64 = read
+            .with_conn(kind, |conn, _| {
+                conn.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+                    .map_err(|e| ReadStoreError::Storage(e.to_string()))
+            })
+            .await
+            .unwrap();
+        // It checkpoints only once the WAL is large, so that the WAL can start
+        // over (another connection's checkpoints never rewind it).
+        assert_eq!(
+            autocheckpoint,
+            i64::from(tracker_store::WAL_RESTART_FRAMES),
+            "the {kind:?} projection's connection checkpoints at SQLite's default"
+        );
+    }
+
+    for kind in ProjectionKind::ALL {
+        let file = dir.path().join("readmodels").join(format!(
+            "{}.{}.sqlite",
+            read.generation(),
+            kind.name()
+        ));
+        let before = std::fs::metadata(&file).unwrap().len();
+        read.apply(ApplyBatch {
+            key: CheckpointKey::whole(kind),
+            completions: (1..=3_000).map(completion).collect(),
+            dead_letters: Vec::new(),
+            through: 3_000,
+            lease: None,
         })
         .await
         .unwrap();
-    // It checkpoints only once the WAL is large, so that the WAL can start
-    // over (another connection's checkpoints never rewind it).
-    assert_eq!(
-        autocheckpoint,
-        i64::from(tracker_store::WAL_RESTART_FRAMES),
-        "the projector's connection checkpoints at SQLite's default"
-    );
 
-    let file = dir
-        .path()
-        .join("readmodels")
-        .join(format!("{}.sqlite", read.generation()));
-    let before = std::fs::metadata(&file).unwrap().len();
-    read.apply(ApplyBatch {
-        key: CheckpointKey::whole(ProjectionKind::Learners),
-        completions: (1..=3_000).map(completion).collect(),
-        dead_letters: Vec::new(),
-        through: 3_000,
-        lease: None,
-    })
-    .await
-    .unwrap();
-
-    // The rows reach the database file (from the WAL) without another
-    // commit: only the background checkpoint can have copied them.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::metadata(&file).unwrap().len() <= before {
-        assert!(Instant::now() < deadline, "the WAL was never checkpointed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The rows reach the database file (from the WAL) without another
+        // commit: only the background checkpoint can have copied them.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::metadata(&file).unwrap().len() <= before {
+            assert!(
+                Instant::now() < deadline,
+                "the {kind:?} WAL was never checkpointed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

@@ -1,10 +1,12 @@
 //! Queries over the embedded read store: read-only connections to the
-//! current generation file, used on blocking threads. They never take the
+//! current generation's institutions file with its learners file attached
+//! (as `learners`; the tables' names differ, so a statement names a table
+//! the same whichever file holds it), used on blocking threads. They never take the
 //! projector's connection, so a query never waits for a projection batch
 //! (WAL: readers see the last commit and do not block the writer).
 //!
 //! Each answer runs in one read transaction: the checkpoint and the rows come
-//! from the same snapshot. The current-generation pointer is read before
+//! from the same snapshot of the projection's file. The current-generation pointer is read before
 //! each answer (one indexed row of `control.sqlite`); when a rebuild moved
 //! it, the idle connections of the old generation are dropped and new ones
 //! opened on the new file.
@@ -21,13 +23,15 @@ use uuid::Uuid;
 
 use super::*;
 use crate::plan::ProjectionKind;
+use crate::sqlite::projection_path;
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_IDLE: usize = 8;
 
 struct Generation {
     name: String,
-    path: PathBuf,
+    institutions: PathBuf,
+    learners: PathBuf,
     idle: Mutex<Vec<Connection>>,
 }
 
@@ -150,7 +154,8 @@ impl Inner {
             return Ok(Arc::clone(g));
         }
         let generation = Arc::new(Generation {
-            path: self.dir.join(format!("{name}.sqlite")),
+            institutions: projection_path(&self.dir, &name, ProjectionKind::Institutions),
+            learners: projection_path(&self.dir, &name, ProjectionKind::Learners),
             name,
             idle: Mutex::new(Vec::new()),
         });
@@ -168,7 +173,20 @@ impl Generation {
             .pop();
         match pooled {
             Some(conn) => Ok(conn),
-            None => open_read_only(&self.path),
+            None => {
+                let conn = open_read_only(&self.institutions)?;
+                let path = self.learners.to_str().ok_or_else(|| {
+                    storage(format!("{} is not valid UTF-8", self.learners.display()))
+                })?;
+                conn.execute("ATTACH DATABASE ?1 AS learners", [path])
+                    .map_err(|e| {
+                        storage(format!(
+                            "attaching {} for reading: {e}",
+                            self.learners.display()
+                        ))
+                    })?;
+                Ok(conn)
+            }
         }
     }
 
@@ -256,7 +274,12 @@ fn checkpoint(
     institution: u64,
     projection: ProjectionKind,
 ) -> Result<Position, QueryError> {
-    let all = rows(conn, CHECKPOINTS_SQL, &[], |r| decode_checkpoint(r))?;
+    // From the file the answer's rows come from: the same snapshot.
+    let sql = match projection {
+        ProjectionKind::Institutions => "SELECT key, position FROM main.checkpoints",
+        ProjectionKind::Learners => "SELECT key, position FROM learners.checkpoints",
+    };
+    let all = rows(conn, sql, &[], |r| decode_checkpoint(r))?;
     Ok(consistent_through(&all, institution, projection))
 }
 
