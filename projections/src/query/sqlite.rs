@@ -1,15 +1,16 @@
 //! Queries over the embedded read store: read-only connections to the
 //! current generation's institutions file with its learners file attached
 //! (as `learners`; the tables' names differ, so a statement names a table
-//! the same whichever file holds it), used on blocking threads. They never take the
-//! projector's connection, so a query never waits for a projection batch
-//! (WAL: readers see the last commit and do not block the writer).
+//! the same whichever file holds it), used on blocking threads. They never
+//! take the projectors' connections, so a query never waits for a
+//! projection batch (WAL: readers see the last commit and do not block the
+//! writer).
 //!
 //! Each answer runs in one read transaction: the checkpoint and the rows come
-//! from the same snapshot of the projection's file. The current-generation pointer is read before
-//! each answer (one indexed row of `control.sqlite`); when a rebuild moved
-//! it, the idle connections of the old generation are dropped and new ones
-//! opened on the new file.
+//! from the same snapshot of the projection's file. The current-generation
+//! pointer is read before each answer (one indexed row of `control.sqlite`);
+//! when a rebuild moved it, the idle connections of the old generation are
+//! dropped and new ones opened on the new files.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
