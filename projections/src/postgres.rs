@@ -219,6 +219,12 @@ CREATE INDEX lrn_completions_by_institution ON {s}.lrn_completions (institution_
 CREATE INDEX lrn_completions_by_user_time ON {s}.lrn_completions (institution_id, user_id, finished_at, position);
 CREATE INDEX lrn_completions_by_trail_time ON {s}.lrn_completions (institution_id, trail_id, finished_at, position);
 "#,
+    r#"
+-- Event ids are unique in the event log (its contract), which every
+-- projection reads in position order: a unique index here only re-checked
+-- that, at the price of a random-key index insert per completion.
+ALTER TABLE {s}.lrn_completions DROP CONSTRAINT IF EXISTS lrn_completions_event_id_key;
+"#,
 ];
 
 fn storage(e: impl std::fmt::Display) -> ReadStoreError {

@@ -956,6 +956,20 @@ async fn each_projection_has_a_file_with_only_its_tables() {
         !env.read.dir().join(format!("{generation}.sqlite")).exists(),
         "no single file for both"
     );
+    // Event ids are unique in the log; the read model does not index them
+    // (a random-key insert per completion).
+    let conn =
+        rusqlite::Connection::open(env.read.dir().join(format!("{generation}.learners.sqlite")))
+            .unwrap();
+    let indexed: Vec<String> = conn
+        .prepare("SELECT DISTINCT ii.name FROM pragma_index_list('lrn_completions') il, pragma_index_info(il.name) ii")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(indexed.iter().any(|c| c == "user_id"), "{indexed:?}");
+    assert!(!indexed.iter().any(|c| c == "event_id"), "{indexed:?}");
 }
 
 /// The projections write through a connection each: a batch of one is
