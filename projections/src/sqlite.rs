@@ -307,7 +307,7 @@ fn open(path: &Path, migrations: &[&str]) -> Result<Connection, ReadStoreError> 
     Ok(conn)
 }
 
-/// Index of a projection's file in [`Files::conns`].
+/// Index of a projection's file in [`Files::writers`].
 fn slot(kind: ProjectionKind) -> usize {
     match kind {
         ProjectionKind::Institutions => 0,
@@ -315,23 +315,99 @@ fn slot(kind: ProjectionKind) -> usize {
     }
 }
 
-/// A generation's files, each with its own connection: a batch of one
-/// projection never waits for the other's.
+/// How much below the process's CPU priority a writer thread runs (a nice
+/// value, added to the process's, at most 19).
+const WRITER_NICENESS: i32 = 10;
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// A projection file's connection, owned by a thread of its own that runs
+/// the jobs sent to it one at a time. A live generation's writer runs at a
+/// lower CPU priority than the rest of the process ([`WRITER_NICENESS`];
+/// a rebuild's does not, its own fold is all it competes with): in `serve`
+/// the projector shares the cores with the receiver, whose answers are
+/// waited for, while read models only have to follow. With both
+/// projections applying at once, the receiver's median latency at 6,000
+/// webhooks/s went from 9 to 21-25 ms without this, and to 5-7 ms with it,
+/// the projection lag unchanged. The thread ends, and the connection
+/// closes, once every handle to it is gone and its last job ran.
+#[derive(Clone)]
+struct Writer {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl Writer {
+    fn start(name: String, mut conn: Connection, lower: bool) -> Result<Self, ReadStoreError> {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                if lower {
+                    lower_this_threads_priority();
+                }
+                while let Ok(job) = queue.recv() {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|e| storage(format!("cannot start a read store writer: {e}")))?;
+        Ok(Self { jobs })
+    }
+
+    async fn run<T, F>(&self, generation: String, f: F) -> Result<T, ReadStoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &str) -> Result<T, ReadStoreError> + Send + 'static,
+    {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let _ = done.send(f(conn, &generation));
+        });
+        let stopped = || storage("the read store writer thread stopped");
+        self.jobs.send(job).map_err(|_| stopped())?;
+        result.await.map_err(|_| stopped())?
+    }
+}
+
+/// Lowers the calling thread's CPU priority by [`WRITER_NICENESS`] (Linux:
+/// the nice value is per thread). Failing to only means it keeps the
+/// process's priority.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getpriority_process, setpriority_process};
+        let this = Some(rustix::thread::gettid());
+        let lowered = getpriority_process(this)
+            .map(|nice| (nice + WRITER_NICENESS).min(19))
+            .and_then(|nice| setpriority_process(this, nice));
+        if let Err(e) = lowered {
+            tracing::debug!(error = %e, "read store writer keeps the process's CPU priority");
+        }
+    }
+}
+
+/// A generation's files, each with its own connection and writer thread: a
+/// batch of one projection never waits for the other's.
 struct Files {
     generation: String,
-    conns: [Arc<Mutex<Connection>>; 2],
+    writers: [Writer; 2],
 }
 
 impl Files {
+    /// `live`: the writers of a generation that follows the current
+    /// pointer, at a lower CPU priority.
     fn open(
         generation: String,
+        live: bool,
         mut open: impl FnMut(ProjectionKind) -> Result<Connection, ReadStoreError>,
     ) -> Result<Self, ReadStoreError> {
         let [institutions, learners] = ProjectionKind::ALL;
+        let writer = |kind: ProjectionKind, conn| {
+            Writer::start(format!("read-store-{}", kind.name()), conn, live)
+        };
         Ok(Self {
-            conns: [
-                Arc::new(Mutex::new(open(institutions)?)),
-                Arc::new(Mutex::new(open(learners)?)),
+            writers: [
+                writer(institutions, open(institutions)?)?,
+                writer(learners, open(learners)?)?,
             ],
             generation,
         })
@@ -555,7 +631,7 @@ impl SqliteReadStore {
                 None
             }
         };
-        let files = Files::open(generation.clone(), |kind| {
+        let files = Files::open(generation.clone(), true, |kind| {
             open_live(&dir, &generation, kind, checkpointer.is_some())
         })?;
         Ok(Self {
@@ -582,28 +658,18 @@ impl SqliteReadStore {
     }
 
     /// Runs `f` on the connection of `kind`'s file of this handle's
-    /// generation, on a blocking thread. The two files' connections are
-    /// independent: `f` holds only its own.
+    /// generation, on that file's writer thread. The two files' writers are
+    /// independent: `f` waits only for its own file's jobs.
     pub async fn with_conn<T, F>(&self, kind: ProjectionKind, f: F) -> Result<T, ReadStoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection, &str) -> Result<T, ReadStoreError> + Send + 'static,
     {
-        let (generation, conn) = {
+        let (generation, writer) = {
             let files = lock(&self.files)?;
-            (
-                files.generation.clone(),
-                Arc::clone(&files.conns[slot(kind)]),
-            )
+            (files.generation.clone(), files.writers[slot(kind)].clone())
         };
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn
-                .lock()
-                .map_err(|_| storage("read store connection lock poisoned"))?;
-            f(&mut conn, &generation)
-        })
-        .await
-        .map_err(|e| storage(format!("read store task failed: {e}")))?
+        writer.run(generation, f).await
     }
 
     /// `f` on each projection's file in turn, results in
@@ -1497,7 +1563,7 @@ impl ReadStore for SqliteReadStore {
         let files = Arc::clone(&self.files);
         let checkpointer = self.checkpointer.is_some();
         tokio::task::spawn_blocking(move || {
-            let opened = Files::open(current.clone(), |kind| {
+            let opened = Files::open(current.clone(), true, |kind| {
                 open_live(&dir, &current, kind, checkpointer)
             })?;
             *lock(&files)? = opened;
@@ -1515,7 +1581,7 @@ impl ReadStore for SqliteReadStore {
         let files = tokio::task::spawn_blocking({
             let dir = dir.clone();
             move || {
-                Files::open(generation.clone(), |kind| {
+                Files::open(generation.clone(), false, |kind| {
                     open_building(&dir, &generation, kind)
                 })
             }

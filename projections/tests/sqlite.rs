@@ -1216,3 +1216,23 @@ async fn bulk_loads_are_refused_outside_a_build() {
     let err = env.read.load_completions(Vec::new()).await;
     assert!(matches!(err, Err(ReadStoreError::Storage(_))), "{err:?}");
 }
+
+/// The live projections' writes run below the process's CPU priority: in
+/// `serve` the receiver's answers come first, the read models follow.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_writes_run_below_the_process_cpu_priority() {
+    fn nice() -> i32 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // Fields after the command name, from the third: nice is the 19th.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        after.split(' ').nth(16).unwrap().parse().unwrap()
+    }
+    let env = env();
+    let own = nice();
+    assert!(own <= 9, "the test itself runs at nice {own}");
+    for kind in ProjectionKind::ALL {
+        let writer = env.read.with_conn(kind, |_, _| Ok(nice())).await.unwrap();
+        assert_eq!(writer, own + 10, "{kind:?}");
+    }
+}
