@@ -220,9 +220,10 @@ CREATE INDEX lrn_completions_by_user_time ON {s}.lrn_completions (institution_id
 CREATE INDEX lrn_completions_by_trail_time ON {s}.lrn_completions (institution_id, trail_id, finished_at, position);
 "#,
     r#"
--- Event ids are unique in the event log (its contract), which every
--- projection reads in position order: a unique index here only re-checked
--- that, at the price of a random-key index insert per completion.
+-- The event log records an id once (see the SQLite schema), and every
+-- projection reads it in position order: a unique index here only
+-- re-checked that, at the price of a random-key index insert per
+-- completion.
 ALTER TABLE {s}.lrn_completions DROP CONSTRAINT IF EXISTS lrn_completions_event_id_key;
 "#,
 ];

@@ -146,9 +146,12 @@ CREATE TABLE lrn_learner_trails (
     PRIMARY KEY (institution_id, user_id, trail_id)
 ) WITHOUT ROWID;
 CREATE INDEX lrn_learner_trails_by_trail ON lrn_learner_trails (institution_id, trail_id, user_id);
--- `event_id` has no unique index: ids are unique in the event log (its
--- contract), which every projection reads in position order, and the index
--- cost a random-key insert per completion.
+-- `event_id` has no unique index: the event log records an id once (the
+-- embedded log's unique index; on EventStoreDB, within its stream, and a
+-- completion's id is derived from its institution, learner, trail and
+-- finish time, its stream from the institution and learner), the
+-- projections read it in position order, and the index cost a random-key
+-- insert per completion.
 CREATE TABLE lrn_completions (
     position        INTEGER PRIMARY KEY,
     event_id        TEXT    NOT NULL,
