@@ -1,5 +1,5 @@
 //! The live read store's WAL is checkpointed by a background thread, not by
-//! the projector's commits.
+//! the projector's commits, and the files close with the store.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -80,4 +80,68 @@ async fn projector_commits_leave_checkpoints_to_a_background_thread() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A store dropped at shutdown closes its files before the drop returns:
+/// the last connection to each file empties and removes its WAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_store_closes_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let read = SqliteReadStore::open(dir.path().join("readmodels")).unwrap();
+    let generation = read.generation();
+    for kind in ProjectionKind::ALL {
+        read.apply(ApplyBatch {
+            key: CheckpointKey::whole(kind),
+            completions: (1..=500).map(completion).collect(),
+            dead_letters: Vec::new(),
+            through: 500,
+            lease: None,
+        })
+        .await
+        .unwrap();
+    }
+    let wal = |kind: ProjectionKind| {
+        dir.path()
+            .join("readmodels")
+            .join(format!("{generation}.{}.sqlite-wal", kind.name()))
+    };
+    for kind in ProjectionKind::ALL {
+        assert!(wal(kind).exists(), "{kind:?}: no WAL while open");
+    }
+    drop(read);
+    for kind in ProjectionKind::ALL {
+        assert!(!wal(kind).exists(), "{kind:?}: the file was left open");
+    }
+}
+
+/// A job that panics fails its own call; the file's writer goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_panics_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let read = SqliteReadStore::open(dir.path().join("readmodels")).unwrap();
+    let failed = read
+        .with_conn(
+            ProjectionKind::Learners,
+            |_, _| -> Result<(), ReadStoreError> { panic!("a job that panics, on purpose") },
+        )
+        .await;
+    assert!(
+        matches!(failed, Err(ReadStoreError::Storage(_))),
+        "{failed:?}"
+    );
+    read.apply(ApplyBatch {
+        key: CheckpointKey::whole(ProjectionKind::Learners),
+        completions: (1..=3).map(completion).collect(),
+        dead_letters: Vec::new(),
+        through: 3,
+        lease: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        read.checkpoint(CheckpointKey::whole(ProjectionKind::Learners))
+            .await
+            .unwrap(),
+        3
+    );
 }
