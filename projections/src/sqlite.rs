@@ -1603,7 +1603,10 @@ impl ReadStore for SqliteReadStore {
             let opened = Files::open(current.clone(), true, |kind| {
                 open_live(&dir, &current, kind, checkpointer)
             })?;
-            *lock(&files)? = opened;
+            // The old writers are joined as they drop (each closes its file,
+            // which may copy a WAL): outside the lock, which every call takes.
+            let old = std::mem::replace(&mut *lock(&files)?, opened);
+            drop(old);
             Ok::<_, ReadStoreError>(())
         })
         .await
