@@ -268,25 +268,6 @@ fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
 
-/// `journal_mode = WAL`, retried while other connections hold a file that
-/// is not in WAL yet: the switch needs the file to itself, and SQLite
-/// answers BUSY at once instead of through the busy handler (processes, or
-/// a store's checkpointer, opening a new read store together).
-fn enable_wal(conn: &Connection) -> rusqlite::Result<()> {
-    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
-    loop {
-        match conn.pragma_update(None, "journal_mode", "WAL") {
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::DatabaseBusy
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            done => return done,
-        }
-    }
-}
-
 fn open(path: &Path, migrations: &[&str]) -> Result<Connection, ReadStoreError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
@@ -295,7 +276,8 @@ fn open(path: &Path, migrations: &[&str]) -> Result<Connection, ReadStoreError> 
     let mut conn =
         Connection::open(path).map_err(|e| storage(format!("opening {}: {e}", path.display())))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
-    enable_wal(&conn).map_err(|e| storage(format!("{}: {e}", path.display())))?;
+    tracker_store::enable_wal(&conn, BUSY_TIMEOUT)
+        .map_err(|e| storage(format!("{}: {e}", path.display())))?;
     // Read models can be rebuilt from the event log; NORMAL still never
     // corrupts, it may only lose the last commits on power loss, which the
     // checkpoint (in the same transaction) then replays.

@@ -17,7 +17,7 @@
 pub mod contract;
 pub mod delivery_log;
 mod sql;
-pub use sql::WAL_RESTART_FRAMES;
+pub use sql::{WAL_RESTART_FRAMES, enable_wal};
 pub mod sqlite;
 
 use std::fmt;

@@ -39,6 +39,26 @@ pub(crate) enum Durability {
 /// never rewinds the WAL of a writer that commits back to back.
 pub const WAL_RESTART_FRAMES: u32 = 16_384;
 
+/// `PRAGMA journal_mode = WAL`, returning the mode the file is in. Retried
+/// for up to `timeout` while other connections hold a file that is not in
+/// WAL yet: the switch needs the file to itself, and SQLite answers BUSY at
+/// once instead of through the busy handler (processes opening a new data
+/// directory together).
+pub fn enable_wal(conn: &Connection, timeout: Duration) -> rusqlite::Result<String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Opens (creating file and parent directory) the one read-write connection
 /// of a database, in WAL mode, and brings its schema up to date.
 pub(crate) fn open_writer(
@@ -59,7 +79,7 @@ pub(crate) fn open_writer(
         StoreError::Storage(format!("cannot open database {}: {err}", path.display()))
     })?;
     conn.busy_timeout(busy_timeout)?;
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    let mode = enable_wal(&conn, busy_timeout)?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Storage(format!(
             "database {} refused WAL mode (got {mode})",
@@ -109,6 +129,12 @@ fn migrate(conn: &mut Connection, path: &Path, migrations: &[&str]) -> Result<()
     }
     for (index, sql) in migrations.iter().enumerate().skip(current) {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Another process opening the file at the same time may have applied
+        // it since the version was read: look again under the write lock.
+        let applied: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        if usize::try_from(applied).is_ok_and(|applied| applied > index) {
+            continue;
+        }
         tx.execute_batch(sql)?;
         // PRAGMA does not take bound parameters; the value is our own integer.
         tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1))?;

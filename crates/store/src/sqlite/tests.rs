@@ -844,3 +844,27 @@ async fn stream_set_reads_search_the_stream_index() {
         );
     }
 }
+
+/// Processes opening a new data directory together (`serve` and `project`
+/// started at once) all get a working store: switching the new file to WAL
+/// waits for the others instead of failing with "database is locked".
+#[test]
+fn stores_opened_together_on_a_new_file_all_open() {
+    for _ in 0..10 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.sqlite");
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let (path, barrier) = (path.clone(), std::sync::Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    SqliteEventStore::open(&path).map(|_| ())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap().unwrap();
+        }
+    }
+}
