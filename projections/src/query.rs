@@ -837,6 +837,89 @@ pub(crate) fn completions_sql(
     Ok((sql, params))
 }
 
+/// SQLite's page of a time window in position order (without a learner,
+/// whose own time index is small): the institution's (or trail's)
+/// completions in log order between the first and the last position the
+/// completions of the window's UTC days have (`lrn_completion_days`),
+/// filtered by time until the page is full. Completions arrive roughly in
+/// time order, so this reads about a page of rows where
+/// [`completions_sql`] sorts the whole window (thousands for a month of a
+/// large institution). `None` for the other pages.
+pub(crate) fn window_from_first_day_sql(
+    institution: u64,
+    filter: &CompletionFilter,
+    page: &PageRequest<CompletionSort, CompletionKey>,
+) -> Option<Result<(String, Vec<Param>), QueryError>> {
+    if page.sort != CompletionSort::Position
+        || filter.user_id.is_some()
+        || (filter.from.is_none() && filter.to.is_none())
+    {
+        return None;
+    }
+    let after = match page.after {
+        None => 0,
+        Some(CompletionKey::Position(p)) => position_param(p).saturating_add(1),
+        Some(CompletionKey::FinishedAt(..)) => return Some(Err(QueryError::KeyMismatch)),
+    };
+    let index = match filter.trail_id {
+        Some(_) => "lrn_completions_by_trail",
+        None => "lrn_completions_by_institution",
+    };
+    // SQLite numbers `$N` parameters in order of first appearance: bind in
+    // the statement's text order.
+    let mut params = vec![Param::Int(sql_id(institution))];
+    let mut sql = format!(
+        "SELECT {COMPLETION_COLUMNS} FROM {{s}}lrn_completions INDEXED BY {index} \
+         WHERE institution_id = $1"
+    );
+    let mut bind = |sql: &mut String, clause: &str, value: Param| {
+        params.push(value);
+        sql.push_str(&clause.replace('?', &format!("${}", params.len())));
+    };
+    if let Some(trail) = filter.trail_id {
+        bind(&mut sql, " AND trail_id = ?", Param::Int(sql_id(trail)));
+    }
+    let from = filter.from.map(ceil_second);
+    let to = filter.to.map(ceil_second);
+    let mut days = String::from(" FROM {s}lrn_completion_days WHERE institution_id = $1");
+    if let Some(from) = from {
+        bind(
+            &mut days,
+            " AND day >= ?",
+            Param::Int(crate::sqlite::utc_day(from)),
+        );
+    }
+    if let Some(to) = to {
+        bind(
+            &mut days,
+            " AND day <= ?",
+            Param::Int(crate::sqlite::utc_day(to)),
+        );
+    }
+    sql.push_str(&format!(
+        " AND position BETWEEN max((SELECT MIN(first_position){days}), ${}) \
+         AND (SELECT MAX(last_position){days})",
+        params.len() + 1
+    ));
+    params.push(Param::Int(after));
+    let mut bind = |sql: &mut String, clause: &str, value: Param| {
+        params.push(value);
+        sql.push_str(&clause.replace('?', &format!("${}", params.len())));
+    };
+    if let Some(from) = from {
+        bind(&mut sql, " AND finished_at >= ?", Param::Time(from));
+    }
+    if let Some(to) = to {
+        bind(&mut sql, " AND finished_at < ?", Param::Time(to));
+    }
+    bind(
+        &mut sql,
+        " ORDER BY position LIMIT ?",
+        Param::Int(limit_param(page.limit)),
+    );
+    Some(Ok((sql, params)))
+}
+
 fn position_param(p: Position) -> i64 {
     i64::try_from(p).unwrap_or(i64::MAX)
 }

@@ -177,13 +177,38 @@ CREATE INDEX lrn_completions_by_user_time ON lrn_completions (institution_id, us
 CREATE INDEX lrn_completions_by_trail_time ON lrn_completions (institution_id, trail_id, finished_at, position);
 "#;
 
+/// The first and last positions of each institution's completions per UTC
+/// day (days since the Unix epoch): where in log order a time window's
+/// completions are, so a page of a window in position order scans that
+/// range of the institution's completions instead of sorting the whole
+/// window. Written with the completions, in the same transaction; a file
+/// from before is filled from its completions here.
+const LEARNERS_COMPLETION_DAYS: &str = r#"
+CREATE TABLE lrn_completion_days (
+    institution_id INTEGER NOT NULL,
+    day            INTEGER NOT NULL,
+    first_position INTEGER NOT NULL,
+    last_position  INTEGER NOT NULL,
+    PRIMARY KEY (institution_id, day)
+) WITHOUT ROWID;
+INSERT INTO lrn_completion_days
+SELECT institution_id, (s - ((s % 86400) + 86400) % 86400) / 86400, MIN(position), MAX(position)
+FROM (SELECT institution_id, unixepoch(finished_at) AS s, position FROM lrn_completions)
+GROUP BY 1, 2;
+"#;
+
 /// Schema of a projection's file; `PRAGMA user_version` counts what is
 /// applied.
 fn migrations(kind: ProjectionKind) -> &'static [&'static str] {
     match kind {
         ProjectionKind::Institutions => &[COMMON_SCHEMA, INSTITUTIONS_SCHEMA],
-        ProjectionKind::Learners => &[COMMON_SCHEMA, LEARNERS_SCHEMA],
+        ProjectionKind::Learners => &[COMMON_SCHEMA, LEARNERS_SCHEMA, LEARNERS_COMPLETION_DAYS],
     }
+}
+
+/// [`LEARNERS_COMPLETION_DAYS`]'s day of an instant.
+pub(crate) fn utc_day(t: DateTime<Utc>) -> i64 {
+    t.timestamp().div_euclid(86_400)
 }
 
 const CONTROL_MIGRATIONS: &[&str] = &[r#"
@@ -1163,6 +1188,41 @@ fn write_completions(tx: &Transaction<'_>, rows: &[Completion]) -> Result<(), Re
             sql_time(c.finished_at),
             c.day,
             courses_json(c),
+        ])
+        .map_err(storage)?;
+    }
+    // (institution, day) -> (first, last) of this batch.
+    let mut days: Vec<((u64, i64), (Position, Position))> = rows
+        .iter()
+        .map(|c| {
+            let key = (c.institution_id, utc_day(c.finished_at));
+            (key, (c.position, c.position))
+        })
+        .collect();
+    days.sort_unstable();
+    days.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            kept.1.1 = kept.1.1.max(later.1.1);
+        }
+        same
+    });
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT INTO lrn_completion_days VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (institution_id, day) DO UPDATE SET
+               first_position = MIN(first_position, excluded.first_position),
+               last_position = MAX(last_position, excluded.last_position)
+             WHERE excluded.first_position < first_position
+                OR excluded.last_position > last_position",
+        )
+        .map_err(storage)?;
+    for ((institution, day), (first, last)) in days {
+        stmt.execute(params![
+            sql_id(institution),
+            day,
+            sql_position(first)?,
+            sql_position(last)?
         ])
         .map_err(storage)?;
     }

@@ -343,6 +343,24 @@ async fn both_backends_answer_every_query_the_same() {
                 user_id: Some(1001),
                 ..Default::default()
             },
+            CompletionFilter {
+                from: Some(t("2024-02-05T00:00:00Z")),
+                to: Some(t("2024-02-25T00:00:00Z")),
+                trail_id: Some(101),
+                ..Default::default()
+            },
+            CompletionFilter {
+                from: Some(t("2024-02-20T06:30:00Z")),
+                ..Default::default()
+            },
+            CompletionFilter {
+                to: Some(t("2024-02-12T00:00:00Z")),
+                ..Default::default()
+            },
+            CompletionFilter {
+                from: Some(t("2030-01-01T00:00:00Z")),
+                ..Default::default()
+            },
         ];
         for filter in filters {
             for sort in [CompletionSort::Position, CompletionSort::FinishedAt] {

@@ -1236,3 +1236,189 @@ async fn live_writes_run_below_the_process_cpu_priority() {
         assert_eq!(writer, own + 10, "{kind:?}");
     }
 }
+
+/// Completions whose log order says nothing about their times (late and
+/// early deliveries alike), over two institutions, some before 1970.
+fn unordered_times_strategy() -> impl Strategy<Value = Vec<Completion>> {
+    proptest::collection::vec((1u64..3, 1u64..4, -200_000i64..400_000, 1u64..4), 1..120).prop_map(
+        |rows| {
+            let mut position = 0;
+            rows.into_iter()
+                .map(|(inst, trail, secs, gap)| {
+                    position += gap;
+                    // Around the epoch (negative days) and around 2024.
+                    let base = if secs % 2 == 0 { 0 } else { 1_704_067_200 };
+                    let finished_at = chrono::DateTime::from_timestamp(base + secs, 0).unwrap();
+                    let raw = finished_at.format("%Y-%m-%d %H:%M:%S").to_string();
+                    Completion {
+                        position,
+                        event_id: uuid::Uuid::from_u128(u128::from(position)),
+                        institution_id: inst,
+                        user_id: 1 + position % 5,
+                        user_name: "Zoë".into(),
+                        user_email: "z@x".into(),
+                        trail_id: trail,
+                        trail_name: format!("trail {trail}"),
+                        courses: vec![],
+                        day: raw[..10].to_owned(),
+                        finished_at_raw: raw,
+                        finished_at,
+                    }
+                })
+                .collect()
+        },
+    )
+}
+
+type Window = (Option<i64>, Option<i64>, Option<u64>);
+
+fn window_strategy() -> impl Strategy<Value = Window> {
+    let instant = prop_oneof![-250_000i64..450_000, 1_703_800_000i64..1_704_500_000];
+    (
+        proptest::option::of(instant.clone()),
+        proptest::option::of(instant),
+        proptest::option::of(1u64..4),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+    /// A page of a time window in log order (which SQLite answers by
+    /// scanning log order from the window's first day) holds exactly the
+    /// window's completions, in order, walked page by page, whatever the
+    /// times, batches, trail filter and page size.
+    #[test]
+    fn a_time_window_in_log_order_has_every_completion_of_the_window(
+        events in unordered_times_strategy(),
+        windows in proptest::collection::vec(window_strategy(), 1..6),
+        batch in 1usize..40,
+        limit in 1usize..9,
+    ) {
+        use tracker_projections::query::sqlite::SqliteQueries;
+        use tracker_projections::query::{
+            CompletionFilter, CompletionKey, CompletionSort, Lookup, PageRequest, ReadModelQueries,
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let env = env();
+            let ranges: Vec<(usize, usize)> = (0..events.len())
+                .step_by(batch)
+                .map(|a| (a, (a + batch).min(events.len())))
+                .collect();
+            apply_ranges(&env.read, &events, &ranges).await;
+            let queries = SqliteQueries::open(env.read.dir()).unwrap();
+            let at = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap();
+            for (from, to, trail) in windows {
+                let filter = CompletionFilter {
+                    from: from.map(at),
+                    to: to.map(at),
+                    trail_id: trail,
+                    user_id: None,
+                };
+                for institution in [1, 2] {
+                    let expected: Vec<u64> = events
+                        .iter()
+                        .filter(|c| {
+                            c.institution_id == institution
+                                && trail.is_none_or(|t| c.trail_id == t)
+                                && filter.from.is_none_or(|f| c.finished_at >= f)
+                                && filter.to.is_none_or(|t| c.finished_at < t)
+                        })
+                        .map(|c| c.position)
+                        .collect();
+                    let mut got = Vec::new();
+                    let mut after: Option<CompletionKey> = None;
+                    loop {
+                        let page = PageRequest { sort: CompletionSort::Position, after, limit };
+                        let answer = queries.completions(institution, filter.clone(), page).await.unwrap();
+                        let Lookup::Found(page) = answer.value else {
+                            prop_assert!(expected.is_empty() && !events.iter().any(|c| c.institution_id == institution));
+                            break;
+                        };
+                        prop_assert!(page.items.len() <= limit);
+                        got.extend(page.items.iter().map(|r| r.position));
+                        match page.next {
+                            Some(k) => after = Some(k),
+                            None => break,
+                        }
+                    }
+                    prop_assert_eq!(got, expected, "institution {} window {:?}", institution, filter);
+                }
+            }
+            Ok(())
+        })?;
+    }
+}
+
+/// A learners file from before the positions-per-day table gets it
+/// filled from its completions when opened, with the same rows the
+/// projection writes (days of instants before 1970 included).
+#[tokio::test]
+async fn an_older_learners_file_gets_the_completion_days_from_its_rows() {
+    let env = env();
+    let at = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap();
+    let events: Vec<Completion> = [-86_401, -86_400, -1, 0, 86_399, 86_400, 1_704_067_199, 5]
+        .into_iter()
+        .enumerate()
+        .map(|(i, secs)| {
+            let raw = at(secs).format("%Y-%m-%d %H:%M:%S").to_string();
+            Completion {
+                position: 10 - i as u64,
+                event_id: uuid::Uuid::from_u128(i as u128 + 1),
+                institution_id: 1 + (i as u64 % 2),
+                user_id: 1,
+                user_name: "A".into(),
+                user_email: "a@x".into(),
+                trail_id: 1,
+                trail_name: "t".into(),
+                courses: vec![],
+                day: raw[..10].to_owned(),
+                finished_at_raw: raw,
+                finished_at: at(secs),
+            }
+        })
+        .rev()
+        .collect();
+    apply_ranges(&env.read, &events, &[(0, 3), (3, events.len())]).await;
+    let path = env
+        .read
+        .dir()
+        .join(format!("{}.learners.sqlite", env.read.generation()));
+    let days = |conn: &rusqlite::Connection| -> Vec<(i64, i64, i64, i64)> {
+        conn.prepare("SELECT * FROM lrn_completion_days ORDER BY 1, 2")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let written = days(&conn);
+    assert_eq!(
+        written,
+        vec![
+            (1, -2, 10, 10),
+            (1, -1, 8, 8),
+            (1, 0, 6, 6),
+            (1, 19_722, 4, 4),
+            (2, -1, 9, 9),
+            (2, 0, 3, 7),
+            (2, 1, 5, 5),
+        ],
+        "one row per institution and UTC day, with its first and last positions"
+    );
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    conn.execute_batch(&format!(
+        "DROP TABLE lrn_completion_days; PRAGMA user_version = {};",
+        version - 1
+    ))
+    .unwrap();
+    drop(conn);
+    drop(env.read);
+    let reopened = SqliteReadStore::open(path.parent().unwrap()).unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    assert_eq!(days(&conn), written);
+    drop(reopened);
+}

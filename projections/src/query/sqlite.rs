@@ -505,7 +505,10 @@ impl ReadModelQueries for SqliteQueries {
             if !exists(conn, LEARNERS_KNOWN_SQL, &[&sql_id(institution)])? {
                 return Ok(read(Lookup::UnknownInstitution, cp));
             }
-            let (sql, params) = completions_sql(institution, &filter, &page)?;
+            let (sql, params) = match window_from_first_day_sql(institution, &filter, &page) {
+                Some(statement) => statement?,
+                None => completions_sql(institution, &filter, &page)?,
+            };
             let params = bound(params);
             let refs: Vec<&dyn ToSql> = params.iter().map(|p| p as &dyn ToSql).collect();
             let found = rows(conn, &sql, &refs, |r| decode_completion(r))?;
@@ -646,10 +649,88 @@ mod tests {
         }
     }
 
-    /// A time window in position order is the one page that sorts: only
-    /// positions, from the time index alone, then the page's rows by key.
+    /// A time window in position order, institution-wide or for a trail,
+    /// is a range of the log-order index between the window's days' first
+    /// and last positions: no sort, and the page's end stops the scan.
     #[test]
-    fn a_time_window_in_position_order_sorts_positions_only() {
+    fn a_time_window_in_position_order_scans_log_order_from_its_first_day() {
+        let (_dir, conn) = empty_store();
+        let t = chrono::DateTime::parse_from_rfc3339("2024-01-01T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let windows = [
+            (Some(t), Some(t), None),
+            (Some(t), None, Some(4)),
+            (None, Some(t), None),
+        ];
+        for (from, to, trail_id) in windows {
+            for after in [None, Some(CompletionKey::Position(9))] {
+                let filter = CompletionFilter {
+                    from,
+                    to,
+                    trail_id,
+                    user_id: None,
+                };
+                let page = PageRequest {
+                    sort: CompletionSort::Position,
+                    after,
+                    limit: 50,
+                };
+                let (sql, params) = window_from_first_day_sql(7, &filter, &page)
+                    .expect("a window in position order")
+                    .unwrap();
+                let plan = plan_of(&conn, &sql, params);
+                let index = if trail_id.is_some() {
+                    "lrn_completions_by_trail (institution_id=? AND trail_id=? AND position>? AND position<?)"
+                } else {
+                    "lrn_completions_by_institution (institution_id=? AND position>? AND position<?)"
+                };
+                assert_eq!(
+                    plan[0],
+                    format!("SEARCH lrn_completions USING INDEX {index}"),
+                    "{sql}\n{plan:?}"
+                );
+                assert!(
+                    plan.iter().any(|l| l.contains(
+                        "SEARCH lrn_completion_days USING PRIMARY KEY (institution_id=?"
+                    )),
+                    "{plan:?}"
+                );
+                assert!(!plan.iter().any(|l| l.contains("TEMP B-TREE")), "{plan:?}");
+            }
+        }
+        // A learner's window has its own small time index; time order is
+        // an index range; neither is this statement.
+        let page = |sort| PageRequest {
+            sort,
+            after: None,
+            limit: 50,
+        };
+        let learner = CompletionFilter {
+            from: Some(t),
+            user_id: Some(3),
+            ..Default::default()
+        };
+        assert!(window_from_first_day_sql(7, &learner, &page(CompletionSort::Position)).is_none());
+        let window = CompletionFilter {
+            from: Some(t),
+            ..Default::default()
+        };
+        assert!(window_from_first_day_sql(7, &window, &page(CompletionSort::FinishedAt)).is_none());
+        assert!(
+            window_from_first_day_sql(
+                7,
+                &CompletionFilter::default(),
+                &page(CompletionSort::Position)
+            )
+            .is_none()
+        );
+    }
+
+    /// A learner's time window in position order sorts only positions,
+    /// from the time index alone, then reads the page's rows by key.
+    #[test]
+    fn a_learners_time_window_in_position_order_sorts_positions_only() {
         let (_dir, conn) = empty_store();
         let t = chrono::DateTime::parse_from_rfc3339("2024-01-01T10:00:00Z")
             .unwrap()
@@ -657,11 +738,11 @@ mod tests {
         for filter in [
             CompletionFilter {
                 from: Some(t),
-                to: Some(t),
+                user_id: Some(3),
                 ..Default::default()
             },
             CompletionFilter {
-                from: Some(t),
+                to: Some(t),
                 user_id: Some(3),
                 ..Default::default()
             },
