@@ -538,3 +538,172 @@ pub fn to_csv<R: CsvRow>(rows: &[R]) -> Result<Vec<u8>, csv::Error> {
     }
     w.into_inner().map_err(|e| csv::Error::from(e.into_error()))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        proptest::collection::vec(any::<char>(), 0..12).prop_map(String::from_iter)
+    }
+
+    /// Whole seconds (the stored times) and not, over years 0 to 9999 and
+    /// a little past.
+    fn instant() -> impl Strategy<Value = DateTime<Utc>> {
+        (
+            -62_167_219_200i64..253_402_400_000,
+            prop_oneof![Just(0u32), 0u32..1_000_000_000],
+        )
+            .prop_map(|(s, n)| DateTime::from_timestamp(s, n).unwrap())
+    }
+
+    fn day() -> impl Strategy<Value = NaiveDate> {
+        instant().prop_map(|t| t.date_naive())
+    }
+
+    fn course() -> impl Strategy<Value = CourseRef> {
+        (any::<u64>(), text()).prop_map(|(course_id, title)| CourseRef { course_id, title })
+    }
+
+    fn trail() -> impl Strategy<Value = Trail> {
+        (
+            any::<u64>(),
+            text(),
+            any::<u64>(),
+            any::<u64>(),
+            instant(),
+            instant(),
+        )
+            .prop_map(
+                |(trail_id, name, completions, learners, first, last)| Trail {
+                    trail_id,
+                    name,
+                    completions,
+                    learners,
+                    first_completed_at: first,
+                    last_completed_at: last,
+                },
+            )
+    }
+
+    fn learner() -> impl Strategy<Value = Learner> {
+        (
+            any::<u64>(),
+            text(),
+            text(),
+            any::<u64>(),
+            instant(),
+            instant(),
+        )
+            .prop_map(|(user_id, name, email, n, first, last)| Learner {
+                user_id,
+                name,
+                email,
+                trails: n / 3,
+                completions: n,
+                first_completed_at: first,
+                last_completed_at: last,
+            })
+    }
+
+    fn completion() -> impl Strategy<Value = Completion> {
+        (
+            (any::<u64>(), any::<u128>(), any::<u64>(), any::<u64>()),
+            (text(), instant(), text(), day()),
+            proptest::collection::vec(course(), 0..4),
+        )
+            .prop_map(
+                |((position, id, user_id, trail_id), (trail_name, t, raw, day), courses)| {
+                    Completion {
+                        position,
+                        event_id: Uuid::from_u128(id),
+                        user_id,
+                        trail_id,
+                        trail_name,
+                        finished_at: t,
+                        finished_at_raw: raw,
+                        day,
+                        courses,
+                    }
+                },
+            )
+    }
+
+    fn same_bytes<T: Serialize>(value: &T) -> Result<(), TestCaseError> {
+        let expected = serde_json::to_vec(value).unwrap();
+        let written = sonic_rs::to_vec(value).unwrap();
+        prop_assert_eq!(
+            String::from_utf8_lossy(&written),
+            String::from_utf8_lossy(&expected)
+        );
+        Ok(())
+    }
+
+    proptest! {
+        /// The read models' answers are encoded with `sonic-rs`: byte for
+        /// byte what `serde_json` writes, for every answer type, with any
+        /// text (control characters, quotes, backslashes, any Unicode),
+        /// number and time.
+        #[test]
+        fn sonic_rs_writes_what_serde_json_writes(
+            trails in proptest::collection::vec(trail(), 0..3),
+            detail_trail in trail(),
+            learners in proptest::collection::vec(learner(), 0..3),
+            completions in proptest::collection::vec(completion(), 0..3),
+            courses in proptest::collection::vec(course(), 0..3),
+            cursor in proptest::option::of(text()),
+            (a, b, n) in (day(), day(), any::<u64>()),
+            s in (any::<u64>(), instant(), instant()),
+        ) {
+            same_bytes(&Summary {
+                institution_id: s.0,
+                completions: s.0 / 2,
+                learners: n,
+                trails: 1,
+                courses: 0,
+                first_completed_at: s.1,
+                last_completed_at: s.2,
+                last_position: u64::MAX,
+            })?;
+            same_bytes(&TrailPage { items: trails, next_cursor: cursor.clone() })?;
+            let listed = courses.iter().map(|c| CourseRef { course_id: c.course_id, title: c.title.clone() }).collect();
+            same_bytes(&TrailDetail { trail: detail_trail, courses: listed })?;
+            let listed = courses
+                .iter()
+                .map(|c| Course { course_id: c.course_id, title: c.title.clone(), completions: n, learners: n / 2 })
+                .collect();
+            same_bytes(&CoursePage { items: listed, next_cursor: cursor.clone() })?;
+            let of_trail = learners
+                .iter()
+                .map(|l| TrailLearner {
+                    user_id: l.user_id,
+                    name: l.name.clone(),
+                    email: l.email.clone(),
+                    completions: l.completions,
+                    first_completed_at: l.first_completed_at,
+                    last_completed_at: l.last_completed_at,
+                })
+                .collect();
+            same_bytes(&TrailLearnerPage { items: of_trail, next_cursor: cursor.clone() })?;
+            if let Some(l) = learners.first() {
+                let detail = LearnerDetail {
+                    learner: Learner { name: l.name.clone(), email: l.email.clone(), ..*l },
+                    trails: vec![LearnerTrail { trail_id: n, completions: 2, first_completed_at: s.1, last_completed_at: s.2 }],
+                    completions: completions.iter().map(|c| Completion { trail_name: c.trail_name.clone(), finished_at_raw: c.finished_at_raw.clone(), courses: c.courses.iter().map(|k| CourseRef { course_id: k.course_id, title: k.title.clone() }).collect(), ..*c }).collect(),
+                };
+                same_bytes(&detail)?;
+            }
+            same_bytes(&LearnerPage { items: learners, next_cursor: cursor.clone() })?;
+            same_bytes(&CompletionPage { items: completions, next_cursor: cursor })?;
+            same_bytes(&Activity {
+                bucket: "week".into(),
+                from: a,
+                to: b,
+                items: vec![ActivityBucket { start: a, end: b, completions: n, learners: 1 }],
+            })?;
+        }
+    }
+}

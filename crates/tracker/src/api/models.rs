@@ -249,11 +249,16 @@ fn found<T>(read: Read<Lookup<T>>, institution: u64, entity: &str) -> Result<(T,
     }
 }
 
+/// A read model's answer as JSON. Encoded with `sonic-rs`, which writes
+/// the same bytes as `serde_json` for these types (`dto` tests it) at about
+/// half the cost for a page (escaping strings a word at a time instead of a
+/// byte at a time); the events' DTO holds `serde_json` raw values, which
+/// only `serde_json` writes, and is not encoded here.
 fn json<T: Serialize>(body: &T, at: u64, next: Option<&str>) -> HttpResponse {
     // Written into a buffer the size of a typical page (actix's `json`
     // starts from 128 bytes and grows it a dozen times for a page).
     let mut buf = Vec::with_capacity(16 * 1024);
-    let mut res = match serde_json::to_writer(&mut buf, body) {
+    let mut res = match sonic_rs::to_writer(&mut buf, body) {
         Ok(()) => HttpResponse::Ok()
             .insert_header(header::ContentType::json())
             .body(buf),
