@@ -1422,3 +1422,75 @@ async fn an_older_learners_file_gets_the_completion_days_from_its_rows() {
     assert_eq!(days(&conn), written);
     drop(reopened);
 }
+
+/// A learners file an older build's writer still holds (no positions per
+/// day yet) answers time windows too, by sorting them as before.
+#[tokio::test]
+async fn a_learners_file_without_the_completion_days_still_answers_windows() {
+    use tracker_projections::query::sqlite::SqliteQueries;
+    use tracker_projections::query::{
+        CompletionFilter, CompletionSort, Lookup, PageRequest, ReadModelQueries,
+    };
+    let env = env();
+    let events: Vec<Completion> = (1..=30u64)
+        .map(|p| {
+            let finished_at =
+                chrono::DateTime::from_timestamp(1_704_067_200 + (p as i64 % 7) * 86_400, 0)
+                    .unwrap();
+            let raw = finished_at.format("%Y-%m-%d %H:%M:%S").to_string();
+            Completion {
+                position: p,
+                event_id: uuid::Uuid::from_u128(u128::from(p)),
+                institution_id: 1,
+                user_id: p % 4,
+                user_name: "A".into(),
+                user_email: "a@x".into(),
+                trail_id: 1,
+                trail_name: "t".into(),
+                courses: vec![],
+                day: raw[..10].to_owned(),
+                finished_at_raw: raw,
+                finished_at,
+            }
+        })
+        .collect();
+    apply_ranges(&env.read, &events, &[(0, events.len())]).await;
+    let path = env
+        .read
+        .dir()
+        .join(format!("{}.learners.sqlite", env.read.generation()));
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("DROP TABLE lrn_completion_days; PRAGMA user_version = 2;")
+        .unwrap();
+    let queries = SqliteQueries::open(env.read.dir()).unwrap();
+    let from = chrono::DateTime::from_timestamp(1_704_067_200 + 2 * 86_400, 0).unwrap();
+    let to = chrono::DateTime::from_timestamp(1_704_067_200 + 4 * 86_400, 0).unwrap();
+    let page = queries
+        .completions(
+            1,
+            CompletionFilter {
+                from: Some(from),
+                to: Some(to),
+                ..Default::default()
+            },
+            PageRequest {
+                sort: CompletionSort::Position,
+                after: None,
+                limit: 100,
+            },
+        )
+        .await
+        .unwrap();
+    let Lookup::Found(page) = page.value else {
+        panic!("institution 1 not found")
+    };
+    let got: Vec<u64> = page.items.iter().map(|r| r.position).collect();
+    let expected: Vec<u64> = events
+        .iter()
+        .filter(|c| c.finished_at >= from && c.finished_at < to)
+        .map(|c| c.position)
+        .collect();
+    assert_eq!(got, expected);
+    assert!(!got.is_empty());
+}

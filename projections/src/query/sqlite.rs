@@ -27,6 +27,10 @@ use crate::plan::ProjectionKind;
 use crate::sqlite::projection_path;
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Whether the learners file has the positions per day (an older build's
+/// writer may not have migrated it yet; its windows are then sorted).
+const COMPLETION_DAYS_KNOWN_SQL: &str = "SELECT 1 FROM learners.sqlite_master \
+     WHERE type = 'table' AND name = 'lrn_completion_days'";
 const MAX_IDLE: usize = 8;
 
 struct Generation {
@@ -506,8 +510,8 @@ impl ReadModelQueries for SqliteQueries {
                 return Ok(read(Lookup::UnknownInstitution, cp));
             }
             let (sql, params) = match window_from_first_day_sql(institution, &filter, &page) {
-                Some(statement) => statement?,
-                None => completions_sql(institution, &filter, &page)?,
+                Some(statement) if exists(conn, COMPLETION_DAYS_KNOWN_SQL, &[])? => statement?,
+                _ => completions_sql(institution, &filter, &page)?,
             };
             let params = bound(params);
             let refs: Vec<&dyn ToSql> = params.iter().map(|p| p as &dyn ToSql).collect();
