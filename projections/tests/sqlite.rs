@@ -1237,6 +1237,27 @@ async fn live_writes_run_below_the_process_cpu_priority() {
     }
 }
 
+/// A completion without courses, finished `secs` after the Unix epoch (the
+/// raw time and day as the instant's own, UTC).
+fn completion_at(position: u64, institution: u64, user: u64, trail: u64, secs: i64) -> Completion {
+    let finished_at = chrono::DateTime::from_timestamp(secs, 0).unwrap();
+    let raw = finished_at.format("%Y-%m-%d %H:%M:%S").to_string();
+    Completion {
+        position,
+        event_id: uuid::Uuid::from_u128(u128::from(position)),
+        institution_id: institution,
+        user_id: user,
+        user_name: "Zoë".into(),
+        user_email: "z@x".into(),
+        trail_id: trail,
+        trail_name: format!("trail {trail}"),
+        courses: vec![],
+        day: raw[..10].to_owned(),
+        finished_at_raw: raw,
+        finished_at,
+    }
+}
+
 /// Completions whose log order says nothing about their times (late and
 /// early deliveries alike), over two institutions, some before 1970.
 fn unordered_times_strategy() -> impl Strategy<Value = Vec<Completion>> {
@@ -1248,22 +1269,7 @@ fn unordered_times_strategy() -> impl Strategy<Value = Vec<Completion>> {
                     position += gap;
                     // Around the epoch (negative days) and around 2024.
                     let base = if secs % 2 == 0 { 0 } else { 1_704_067_200 };
-                    let finished_at = chrono::DateTime::from_timestamp(base + secs, 0).unwrap();
-                    let raw = finished_at.format("%Y-%m-%d %H:%M:%S").to_string();
-                    Completion {
-                        position,
-                        event_id: uuid::Uuid::from_u128(u128::from(position)),
-                        institution_id: inst,
-                        user_id: 1 + position % 5,
-                        user_name: "Zoë".into(),
-                        user_email: "z@x".into(),
-                        trail_id: trail,
-                        trail_name: format!("trail {trail}"),
-                        courses: vec![],
-                        day: raw[..10].to_owned(),
-                        finished_at_raw: raw,
-                        finished_at,
-                    }
+                    completion_at(position, inst, 1 + position % 5, trail, base + secs)
                 })
                 .collect()
         },
@@ -1356,27 +1362,10 @@ proptest! {
 #[tokio::test]
 async fn an_older_learners_file_gets_the_completion_days_from_its_rows() {
     let env = env();
-    let at = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap();
     let events: Vec<Completion> = [-86_401, -86_400, -1, 0, 86_399, 86_400, 1_704_067_199, 5]
         .into_iter()
         .enumerate()
-        .map(|(i, secs)| {
-            let raw = at(secs).format("%Y-%m-%d %H:%M:%S").to_string();
-            Completion {
-                position: 10 - i as u64,
-                event_id: uuid::Uuid::from_u128(i as u128 + 1),
-                institution_id: 1 + (i as u64 % 2),
-                user_id: 1,
-                user_name: "A".into(),
-                user_email: "a@x".into(),
-                trail_id: 1,
-                trail_name: "t".into(),
-                courses: vec![],
-                day: raw[..10].to_owned(),
-                finished_at_raw: raw,
-                finished_at: at(secs),
-            }
-        })
+        .map(|(i, secs)| completion_at(10 - i as u64, 1 + (i as u64 % 2), 1, 1, secs))
         .rev()
         .collect();
     apply_ranges(&env.read, &events, &[(0, 3), (3, events.len())]).await;
@@ -1433,26 +1422,7 @@ async fn a_learners_file_without_the_completion_days_still_answers_windows() {
     };
     let env = env();
     let events: Vec<Completion> = (1..=30u64)
-        .map(|p| {
-            let finished_at =
-                chrono::DateTime::from_timestamp(1_704_067_200 + (p as i64 % 7) * 86_400, 0)
-                    .unwrap();
-            let raw = finished_at.format("%Y-%m-%d %H:%M:%S").to_string();
-            Completion {
-                position: p,
-                event_id: uuid::Uuid::from_u128(u128::from(p)),
-                institution_id: 1,
-                user_id: p % 4,
-                user_name: "A".into(),
-                user_email: "a@x".into(),
-                trail_id: 1,
-                trail_name: "t".into(),
-                courses: vec![],
-                day: raw[..10].to_owned(),
-                finished_at_raw: raw,
-                finished_at,
-            }
-        })
+        .map(|p| completion_at(p, 1, p % 4, 1, 1_704_067_200 + (p as i64 % 7) * 86_400))
         .collect();
     apply_ranges(&env.read, &events, &[(0, events.len())]).await;
     let path = env
