@@ -182,7 +182,11 @@ CREATE INDEX lrn_completions_by_trail_time ON lrn_completions (institution_id, t
 /// completions are, so a page of a window in position order scans that
 /// range of the institution's completions instead of sorting the whole
 /// window. Written with the completions, in the same transaction; a file
-/// from before is filled from its completions here.
+/// from before is filled from its completions here. `unixepoch()` reads no
+/// year outside 0-9999, and a stored instant is outside them only when a
+/// four-digit local wall time was shifted by the source zone past either
+/// end: then it is on 10000-01-01 (day 2932897) or -0001-12-31 (day
+/// -719529).
 const LEARNERS_COMPLETION_DAYS: &str = r#"
 CREATE TABLE lrn_completion_days (
     institution_id INTEGER NOT NULL,
@@ -192,8 +196,13 @@ CREATE TABLE lrn_completion_days (
     PRIMARY KEY (institution_id, day)
 ) WITHOUT ROWID;
 INSERT INTO lrn_completion_days
-SELECT institution_id, (s - ((s % 86400) + 86400) % 86400) / 86400, MIN(position), MAX(position)
-FROM (SELECT institution_id, unixepoch(finished_at) AS s, position FROM lrn_completions)
+SELECT institution_id,
+       CASE WHEN s IS NOT NULL THEN (s - ((s % 86400) + 86400) % 86400) / 86400
+            WHEN finished_at LIKE '+%' THEN 2932897
+            ELSE -719529 END,
+       MIN(position), MAX(position)
+FROM (SELECT institution_id, finished_at, unixepoch(finished_at) AS s, position
+      FROM lrn_completions)
 GROUP BY 1, 2;
 "#;
 

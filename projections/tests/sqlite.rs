@@ -1358,16 +1358,30 @@ proptest! {
 
 /// A learners file from before the positions-per-day table gets it
 /// filled from its completions when opened, with the same rows the
-/// projection writes (days of instants before 1970 included).
+/// projection writes (days of instants before 1970 included, and of the
+/// instants past years 0 and 9999 that SQLite's date functions do not read).
 #[tokio::test]
 async fn an_older_learners_file_gets_the_completion_days_from_its_rows() {
     let env = env();
-    let events: Vec<Completion> = [-86_401, -86_400, -1, 0, 86_399, 86_400, 1_704_067_199, 5]
-        .into_iter()
-        .enumerate()
-        .map(|(i, secs)| completion_at(10 - i as u64, 1 + (i as u64 % 2), 1, 1, secs))
-        .rev()
-        .collect();
+    let events: Vec<Completion> = [
+        -86_401,
+        -86_400,
+        -1,
+        0,
+        86_399,
+        86_400,
+        1_704_067_199,
+        5,
+        // 10000-01-01T02:00:00Z and -0001-12-31T21:00:00Z: four-digit
+        // local wall times shifted past either end by the source zone.
+        253_402_308_000,
+        -62_167_230_000,
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, secs)| completion_at(10 - i as u64, 1 + (i as u64 % 2), 1, 1, secs))
+    .rev()
+    .collect();
     apply_ranges(&env.read, &events, &[(0, 3), (3, events.len())]).await;
     let path = env
         .read
@@ -1390,6 +1404,8 @@ async fn an_older_learners_file_gets_the_completion_days_from_its_rows() {
             (1, -1, 8, 8),
             (1, 0, 6, 6),
             (1, 19_722, 4, 4),
+            (1, 2_932_897, 2, 2),
+            (2, -719_529, 1, 1),
             (2, -1, 9, 9),
             (2, 0, 3, 7),
             (2, 1, 5, 5),
