@@ -845,7 +845,7 @@ pub(crate) fn completions_sql(
 /// time order, so this reads about a page of rows where
 /// [`completions_sql`] sorts the whole window (thousands for a month of a
 /// large institution). `None` for the other pages.
-pub(crate) fn window_from_first_day_sql(
+pub(crate) fn window_in_day_range_sql(
     institution: u64,
     filter: &CompletionFilter,
     page: &PageRequest<CompletionSort, CompletionKey>,
@@ -896,16 +896,13 @@ pub(crate) fn window_from_first_day_sql(
             Param::Int(crate::sqlite::utc_day(to)),
         );
     }
-    sql.push_str(&format!(
-        " AND position BETWEEN max((SELECT MIN(first_position){days}), ${}) \
-         AND (SELECT MAX(last_position){days})",
-        params.len() + 1
-    ));
-    params.push(Param::Int(after));
-    let mut bind = |sql: &mut String, clause: &str, value: Param| {
-        params.push(value);
-        sql.push_str(&clause.replace('?', &format!("${}", params.len())));
-    };
+    // `days` holds no `?`: only the cursor's placeholder is filled here.
+    bind(
+        &mut sql,
+        &format!(" AND position BETWEEN max((SELECT MIN(first_position){days}), ?)"),
+        Param::Int(after),
+    );
+    sql.push_str(&format!(" AND (SELECT MAX(last_position){days})"));
     if let Some(from) = from {
         bind(&mut sql, " AND finished_at >= ?", Param::Time(from));
     }

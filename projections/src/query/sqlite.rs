@@ -509,7 +509,7 @@ impl ReadModelQueries for SqliteQueries {
             if !exists(conn, LEARNERS_KNOWN_SQL, &[&sql_id(institution)])? {
                 return Ok(read(Lookup::UnknownInstitution, cp));
             }
-            let (sql, params) = match window_from_first_day_sql(institution, &filter, &page) {
+            let (sql, params) = match window_in_day_range_sql(institution, &filter, &page) {
                 Some(statement) if exists(conn, COMPLETION_DAYS_KNOWN_SQL, &[])? => statement?,
                 _ => completions_sql(institution, &filter, &page)?,
             };
@@ -657,7 +657,7 @@ mod tests {
     /// is a range of the log-order index between the window's days' first
     /// and last positions: no sort, and the page's end stops the scan.
     #[test]
-    fn a_time_window_in_position_order_scans_log_order_from_its_first_day() {
+    fn a_time_window_in_position_order_scans_its_days_position_range() {
         let (_dir, conn) = empty_store();
         let t = chrono::DateTime::parse_from_rfc3339("2024-01-01T10:00:00Z")
             .unwrap()
@@ -680,7 +680,7 @@ mod tests {
                     after,
                     limit: 50,
                 };
-                let (sql, params) = window_from_first_day_sql(7, &filter, &page)
+                let (sql, params) = window_in_day_range_sql(7, &filter, &page)
                     .expect("a window in position order")
                     .unwrap();
                 let plan = plan_of(&conn, &sql, params);
@@ -715,14 +715,14 @@ mod tests {
             user_id: Some(3),
             ..Default::default()
         };
-        assert!(window_from_first_day_sql(7, &learner, &page(CompletionSort::Position)).is_none());
+        assert!(window_in_day_range_sql(7, &learner, &page(CompletionSort::Position)).is_none());
         let window = CompletionFilter {
             from: Some(t),
             ..Default::default()
         };
-        assert!(window_from_first_day_sql(7, &window, &page(CompletionSort::FinishedAt)).is_none());
+        assert!(window_in_day_range_sql(7, &window, &page(CompletionSort::FinishedAt)).is_none());
         assert!(
-            window_from_first_day_sql(
+            window_in_day_range_sql(
                 7,
                 &CompletionFilter::default(),
                 &page(CompletionSort::Position)
