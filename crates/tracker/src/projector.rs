@@ -173,8 +173,14 @@ mod tests {
         for n in 0..300 {
             append(events.as_ref(), n).await;
         }
+        // Results wait for the other runner up to two batches: with
+        // batches of 200 that holds every event here, so the test does not
+        // depend on how far one runner gets ahead (each projection writes on
+        // its own thread, and on a busy machine one can lead by more than
+        // two batches of 100). Dropping beyond the bound is tested in
+        // `tracker_projections::decode`.
         let config = ProjectorConfig {
-            batch_size: 100,
+            batch_size: 200,
             ..ProjectorConfig::default()
         };
         let projector = Projector::start(
