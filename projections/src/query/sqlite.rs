@@ -399,12 +399,6 @@ impl ReadModelQueries for SqliteQueries {
         self.read(move |conn| {
             let cp = checkpoint(conn, institution, ProjectionKind::Learners)?;
             let inst = sql_id(institution);
-            if !exists(conn, LEARNERS_KNOWN_SQL, &[&inst])? {
-                return Ok(read(Lookup::UnknownInstitution, cp));
-            }
-            if !exists(conn, TRAIL_KNOWN_TO_LEARNERS_SQL, &[&inst, &sql_id(trail)])? {
-                return Ok(read(Lookup::UnknownEntity, cp));
-            }
             let p = list(
                 conn,
                 ListKind::TrailLearners,
@@ -412,6 +406,15 @@ impl ReadModelQueries for SqliteQueries {
                 &page,
                 |r| decode_trail_learner(r),
             )?;
+            // A row shows that both are known; only an empty page asks.
+            if p.items.is_empty() {
+                if !exists(conn, LEARNERS_KNOWN_SQL, &[&inst])? {
+                    return Ok(read(Lookup::UnknownInstitution, cp));
+                }
+                if !exists(conn, TRAIL_KNOWN_TO_LEARNERS_SQL, &[&inst, &sql_id(trail)])? {
+                    return Ok(read(Lookup::UnknownEntity, cp));
+                }
+            }
             Ok(read(Lookup::Found(p), cp))
         })
         .await
@@ -449,12 +452,12 @@ impl ReadModelQueries for SqliteQueries {
         self.read(move |conn| {
             let cp = checkpoint(conn, institution, ProjectionKind::Learners)?;
             let inst = sql_id(institution);
-            if !exists(conn, LEARNERS_KNOWN_SQL, &[&inst])? {
-                return Ok(read(Lookup::UnknownInstitution, cp));
-            }
             let p = list(conn, ListKind::Learners, &[inst], &page, |r| {
                 decode_learner(r)
             })?;
+            if p.items.is_empty() && !exists(conn, LEARNERS_KNOWN_SQL, &[&inst])? {
+                return Ok(read(Lookup::UnknownInstitution, cp));
+            }
             Ok(read(Lookup::Found(p), cp))
         })
         .await
@@ -506,9 +509,6 @@ impl ReadModelQueries for SqliteQueries {
         check_completion_page(&page)?;
         self.read(move |conn| {
             let cp = checkpoint(conn, institution, ProjectionKind::Learners)?;
-            if !exists(conn, LEARNERS_KNOWN_SQL, &[&sql_id(institution)])? {
-                return Ok(read(Lookup::UnknownInstitution, cp));
-            }
             let (sql, params) = match window_in_day_range_sql(institution, &filter, &page) {
                 Some(statement) if exists(conn, COMPLETION_DAYS_KNOWN_SQL, &[])? => statement?,
                 _ => completions_sql(institution, &filter, &page)?,
@@ -516,6 +516,9 @@ impl ReadModelQueries for SqliteQueries {
             let params = bound(params);
             let refs: Vec<&dyn ToSql> = params.iter().map(|p| p as &dyn ToSql).collect();
             let found = rows(conn, &sql, &refs, |r| decode_completion(r))?;
+            if found.is_empty() && !exists(conn, LEARNERS_KNOWN_SQL, &[&sql_id(institution)])? {
+                return Ok(read(Lookup::UnknownInstitution, cp));
+            }
             let p = into_page(found, page.limit, |r| completion_key(page.sort, r));
             Ok(read(Lookup::Found(p), cp))
         })
