@@ -194,7 +194,29 @@ pub struct Completion {
     /// The day in the source time zone.
     #[serde(serialize_with = "text::day")]
     pub day: NaiveDate,
-    pub courses: Vec<CourseRef>,
+    #[schema(value_type = Vec<CourseRef>)]
+    pub courses: Courses,
+}
+
+/// A completion's courses, written into the answer as the read model's JSON
+/// text (`[{"course_id":1,"title":"..."}]`) instead of being decoded and
+/// encoded again course by course.
+///
+/// Only `sonic-rs` writes it as that text (`models::json` encodes every read
+/// model's answer with it): a `LazyValue` is written raw by `sonic-rs` and as
+/// a wrapper object by any other serializer. `sonic-rs` parses the text as
+/// it copies it, so a damaged row fails its answer (a 500) instead of
+/// producing an invalid body.
+#[derive(Debug)]
+pub struct Courses(pub q::CoursesJson);
+
+impl Serialize for Courses {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // sonic-rs writes a raw value only from a `LazyValue` it has parsed.
+        let raw: sonic_rs::LazyValue<'_> =
+            sonic_rs::from_str(self.0.as_str()).map_err(serde::ser::Error::custom)?;
+        raw.serialize(serializer)
+    }
 }
 
 impl From<q::CompletionRow> for Completion {
@@ -208,7 +230,7 @@ impl From<q::CompletionRow> for Completion {
             finished_at: c.finished_at,
             finished_at_raw: c.finished_at_raw,
             day: c.day,
-            courses: c.courses.into_iter().map(Into::into).collect(),
+            courses: Courses(c.courses),
         }
     }
 }
@@ -481,7 +503,7 @@ impl CsvRow for Completion {
             time(&self.finished_at),
             self.finished_at_raw.clone(),
             self.day.to_string(),
-            serde_json::to_string(&self.courses).unwrap_or_default(),
+            self.courses.0.as_str().to_owned(),
         ]
     }
 }
@@ -609,7 +631,59 @@ mod tests {
             })
     }
 
-    fn completion() -> impl Strategy<Value = Completion> {
+    /// What a completion's JSON must be: the type as it was before its
+    /// courses were written as the stored text, encoded by `serde_json`.
+    #[derive(Debug, Serialize)]
+    struct ExpectedCompletion {
+        position: u64,
+        event_id: Uuid,
+        user_id: u64,
+        trail_id: u64,
+        trail_name: String,
+        #[serde(serialize_with = "text::instant")]
+        finished_at: DateTime<Utc>,
+        finished_at_raw: String,
+        #[serde(serialize_with = "text::day")]
+        day: NaiveDate,
+        courses: Vec<CourseRef>,
+    }
+
+    #[derive(Serialize)]
+    struct ExpectedPage<'a> {
+        items: &'a [ExpectedCompletion],
+        next_cursor: Option<String>,
+    }
+
+    #[derive(Serialize)]
+    struct ExpectedDetail<'a> {
+        learner: &'a Learner,
+        trails: &'a [LearnerTrail],
+        completions: &'a [ExpectedCompletion],
+    }
+
+    /// The answer's completion, built the way a query builds it: from the
+    /// courses' stored text.
+    fn answered(e: &ExpectedCompletion) -> Completion {
+        let stored: Vec<_> = e
+            .courses
+            .iter()
+            .map(|c| serde_json::json!({ "id": c.course_id, "title": c.title }))
+            .collect();
+        let stored = serde_json::Value::Array(stored).to_string();
+        Completion {
+            position: e.position,
+            event_id: e.event_id,
+            user_id: e.user_id,
+            trail_id: e.trail_id,
+            trail_name: e.trail_name.clone(),
+            finished_at: e.finished_at,
+            finished_at_raw: e.finished_at_raw.clone(),
+            day: e.day,
+            courses: Courses(q::CoursesJson::from_stored(stored)),
+        }
+    }
+
+    fn completion() -> impl Strategy<Value = ExpectedCompletion> {
         (
             (any::<u64>(), any::<u128>(), any::<u64>(), any::<u64>()),
             (text(), instant(), text(), day()),
@@ -617,7 +691,7 @@ mod tests {
         )
             .prop_map(
                 |((position, id, user_id, trail_id), (trail_name, t, raw, day), courses)| {
-                    Completion {
+                    ExpectedCompletion {
                         position,
                         event_id: Uuid::from_u128(id),
                         user_id,
@@ -632,8 +706,11 @@ mod tests {
             )
     }
 
-    fn same_bytes<T: Serialize>(value: &T) -> Result<(), TestCaseError> {
-        let expected = serde_json::to_vec(value).unwrap();
+    fn sonic_writes<T: Serialize, E: Serialize>(
+        value: &T,
+        expected: &E,
+    ) -> Result<(), TestCaseError> {
+        let expected = serde_json::to_vec(expected).unwrap();
         let written = sonic_rs::to_vec(value).unwrap();
         prop_assert_eq!(
             String::from_utf8_lossy(&written),
@@ -642,11 +719,39 @@ mod tests {
         Ok(())
     }
 
+    fn same_bytes<T: Serialize>(value: &T) -> Result<(), TestCaseError> {
+        sonic_writes(value, value)
+    }
+
+    /// Courses are written as stored: text that is not JSON fails the
+    /// answer rather than reaching the client.
+    #[test]
+    fn damaged_stored_courses_fail_the_answer() {
+        for damaged in [
+            r#"[{"id":1,"title":"a}]"#,
+            "",
+            "[",
+            r#"[{"id":1,"title":"a"}] x"#,
+        ] {
+            let courses = Courses(q::CoursesJson::from_stored(damaged.to_owned()));
+            assert!(sonic_rs::to_vec(&courses).is_err(), "{damaged}");
+        }
+        let fine = Courses(q::CoursesJson::from_stored(
+            r#"[{"id":1,"title":"a"}]"#.to_owned(),
+        ));
+        assert_eq!(
+            sonic_rs::to_string(&fine).unwrap(),
+            r#"[{"course_id":1,"title":"a"}]"#
+        );
+    }
+
     proptest! {
         /// The read models' answers are encoded with `sonic-rs`: byte for
         /// byte what `serde_json` writes, for every answer type, with any
         /// text (control characters, quotes, backslashes, any Unicode),
-        /// number and time.
+        /// number and time. A completion's courses, written as their stored
+        /// text, are byte for byte what `serde_json` writes for the decoded
+        /// courses.
         #[test]
         fn sonic_rs_writes_what_serde_json_writes(
             trails in proptest::collection::vec(trail(), 0..3),
@@ -692,12 +797,14 @@ mod tests {
                 let detail = LearnerDetail {
                     learner: Learner { name: l.name.clone(), email: l.email.clone(), ..*l },
                     trails: vec![LearnerTrail { trail_id: n, completions: 2, first_completed_at: s.1, last_completed_at: s.2 }],
-                    completions: completions.iter().map(|c| Completion { trail_name: c.trail_name.clone(), finished_at_raw: c.finished_at_raw.clone(), courses: c.courses.iter().map(|k| CourseRef { course_id: k.course_id, title: k.title.clone() }).collect(), ..*c }).collect(),
+                    completions: completions.iter().map(answered).collect(),
                 };
-                same_bytes(&detail)?;
+                let expected = ExpectedDetail { learner: &detail.learner, trails: &detail.trails, completions: &completions };
+                sonic_writes(&detail, &expected)?;
             }
             same_bytes(&LearnerPage { items: learners, next_cursor: cursor.clone() })?;
-            same_bytes(&CompletionPage { items: completions, next_cursor: cursor })?;
+            let page = CompletionPage { items: completions.iter().map(answered).collect(), next_cursor: cursor.clone() };
+            sonic_writes(&page, &ExpectedPage { items: &completions, next_cursor: cursor })?;
             same_bytes(&Activity {
                 bucket: "week".into(),
                 from: a,
