@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{CachedStatement, Connection, OptionalExtension, Row, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
@@ -970,6 +970,7 @@ impl Writer {
         // one index seek per group and stays right whatever happened before.
         let mut head = read_head(&tx)?;
         let mut results = Vec::with_capacity(group.len());
+        let mut statements = Statements::new(&tx)?;
         for request in group {
             // `apply_one` decides its refusals before it writes, then writes
             // one INSERT per event. One event (every webhook delivery) is
@@ -983,7 +984,7 @@ impl Writer {
             if savepoint {
                 run_cached(&tx, "SAVEPOINT request")?;
             }
-            match apply_one(&tx, head, request) {
+            match apply_one(&mut statements, head, request) {
                 Ok((outcome, new_head)) => {
                     if savepoint {
                         run_cached(&tx, "RELEASE request")?;
@@ -1016,6 +1017,7 @@ impl Writer {
                 }
             }
         }
+        drop(statements);
         tx.commit()?;
         Ok((results, head))
     }
@@ -1128,18 +1130,37 @@ fn run_cached(conn: &Connection, sql: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The statements of an append, taken from the connection's statement
+/// cache once per group: `prepare_cached` at every use looked each one up
+/// by its SQL text and returned it afterwards, three times per append.
+struct Statements<'c> {
+    by_id: CachedStatement<'c>,
+    stream_revision: CachedStatement<'c>,
+    insert: CachedStatement<'c>,
+}
+
+impl<'c> Statements<'c> {
+    fn new(conn: &'c Connection) -> Result<Self, StoreError> {
+        Ok(Self {
+            by_id: conn.prepare_cached(SELECT_BY_ID)?,
+            stream_revision: conn.prepare_cached(SELECT_STREAM_REVISION)?,
+            insert: conn.prepare_cached(INSERT_EVENT)?,
+        })
+    }
+}
+
 /// Applies one append on the group's transaction. Returns the outcome and
 /// the head after it.
 fn apply_one(
-    conn: &Connection,
+    statements: &mut Statements<'_>,
     head: Position,
     request: &PendingAppend,
 ) -> Result<(AppendOutcome, Position), Refusal> {
     let stream = request.stream.as_str();
     let mut recorded = Vec::new();
     for event in &request.events {
-        let existing = conn
-            .prepare_cached(SELECT_BY_ID)?
+        let existing = statements
+            .by_id
             .query_row([event.id.as_bytes().as_slice()], |row| {
                 Ok((
                     row.get::<_, String>(0)?,
@@ -1165,7 +1186,7 @@ fn apply_one(
         });
     }
 
-    let current = stream_revision(conn, stream)?;
+    let current = stream_revision(&mut statements.stream_revision, stream)?;
     if recorded.len() == request.events.len() {
         // Ids are unique in the log, so the stream holds at least these.
         let next_revision = current.unwrap_or_default();
@@ -1197,7 +1218,7 @@ fn apply_one(
         }));
     }
 
-    let mut insert = conn.prepare_cached(INSERT_EVENT)?;
+    let insert = &mut statements.insert;
     let mut appended = Vec::with_capacity(request.events.len());
     let mut position = head;
     let mut revision = current.map_or(0, |r| r + 1);
@@ -1233,10 +1254,11 @@ fn apply_one(
     ))
 }
 
-fn stream_revision(conn: &Connection, stream: &str) -> Result<StreamRevision, StoreError> {
-    let last: Option<i64> = conn
-        .prepare_cached(SELECT_STREAM_REVISION)?
-        .query_row([stream], |row| row.get(0))?;
+fn stream_revision(
+    statement: &mut CachedStatement<'_>,
+    stream: &str,
+) -> Result<StreamRevision, StoreError> {
+    let last: Option<i64> = statement.query_row([stream], |row| row.get(0))?;
     last.map(|r| non_negative(r, 0)).transpose()
 }
 
@@ -1424,6 +1446,7 @@ mod writer_tests {
         )
         .unwrap();
         let mut head = 0;
+        let mut statements = Statements::new(&conn).unwrap();
         for n in 0..20u64 {
             let (reply, _answer) = oneshot::channel();
             let request = PendingAppend {
@@ -1432,11 +1455,12 @@ mod writer_tests {
                 events: vec![crate::contract::event(n, "{}")],
                 reply,
             };
-            let Ok((_, new_head)) = apply_one(&conn, head, &request) else {
+            let Ok((_, new_head)) = apply_one(&mut statements, head, &request) else {
                 panic!("append {n} refused");
             };
             head = new_head;
         }
+        drop(statements);
         assert_eq!(head, 20);
         for sql in [SELECT_BY_ID, SELECT_STREAM_REVISION, INSERT_EVENT] {
             let stmt = conn.prepare_cached(sql).unwrap();
