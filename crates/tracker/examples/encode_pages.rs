@@ -47,7 +47,7 @@ fn main() {
                 finished_at: now,
                 finished_at_raw: "2023-01-17 02:10:08".into(),
                 day: now.date_naive(),
-                courses: Courses(CoursesJson::from_stored(stored.clone())),
+                courses: Courses(CoursesJson::from_stored(&stored)),
             })
             .collect(),
         next_cursor: None,

@@ -245,6 +245,9 @@ impl RowRead for Row {
     fn text(&self, i: usize) -> Result<String, QueryError> {
         self.try_get(i).map_err(pg("reading a column"))
     }
+    fn str(&self, i: usize) -> Result<&str, QueryError> {
+        self.try_get(i).map_err(pg("reading a column"))
+    }
     fn time(&self, i: usize) -> Result<DateTime<Utc>, QueryError> {
         self.try_get(i).map_err(pg("reading a column"))
     }

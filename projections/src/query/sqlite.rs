@@ -215,13 +215,14 @@ impl RowRead for SqlRow<'_, '_> {
     fn text(&self, i: usize) -> Result<String, QueryError> {
         self.0.get(i).map_err(storage)
     }
+    fn str(&self, i: usize) -> Result<&str, QueryError> {
+        self.0
+            .get_ref(i)
+            .and_then(|v| Ok(v.as_str()?))
+            .map_err(storage)
+    }
     fn time(&self, i: usize) -> Result<DateTime<Utc>, QueryError> {
-        parse_time(
-            self.0
-                .get_ref(i)
-                .and_then(|v| Ok(v.as_str()?))
-                .map_err(storage)?,
-        )
+        parse_time(self.str(i)?)
     }
     fn uuid(&self, i: usize) -> Result<Uuid, QueryError> {
         self.text(i)?

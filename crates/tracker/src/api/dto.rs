@@ -679,7 +679,7 @@ mod tests {
             finished_at: e.finished_at,
             finished_at_raw: e.finished_at_raw.clone(),
             day: e.day,
-            courses: Courses(q::CoursesJson::from_stored(stored)),
+            courses: Courses(q::CoursesJson::from_stored(&stored)),
         }
     }
 
@@ -733,12 +733,10 @@ mod tests {
             "[",
             r#"[{"id":1,"title":"a"}] x"#,
         ] {
-            let courses = Courses(q::CoursesJson::from_stored(damaged.to_owned()));
+            let courses = Courses(q::CoursesJson::from_stored(damaged));
             assert!(sonic_rs::to_vec(&courses).is_err(), "{damaged}");
         }
-        let fine = Courses(q::CoursesJson::from_stored(
-            r#"[{"id":1,"title":"a"}]"#.to_owned(),
-        ));
+        let fine = Courses(q::CoursesJson::from_stored(r#"[{"id":1,"title":"a"}]"#));
         assert_eq!(
             sonic_rs::to_string(&fine).unwrap(),
             r#"[{"course_id":1,"title":"a"}]"#
