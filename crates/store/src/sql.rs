@@ -164,6 +164,31 @@ pub(crate) fn limit_to_i64(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
+/// `f` in one read transaction: one snapshot of the log, and one WAL read
+/// lock and page-cache check instead of one per statement (a read of many
+/// rows by key otherwise spends a third of its time in `fcntl` and
+/// `fstat`). `BEGIN` and `COMMIT` are cached statements (rusqlite's
+/// `Transaction` parses them at every call).
+pub(crate) fn in_read_transaction<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let run = |sql: &str| -> Result<(), StoreError> {
+        conn.prepare_cached(sql)?.execute([])?;
+        Ok(())
+    };
+    run("BEGIN")?;
+    match f(conn) {
+        Ok(value) => run("COMMIT").map(|()| value),
+        Err(e) => {
+            // The read's error is the one to report; a connection whose
+            // rollback failed is not pooled again (`ReadPool::checkin`).
+            let _ = run("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
 /// Read-only connections for queries, so that reads never queue behind (or
 /// stall) the writer. Connections are opened on demand and at most
 /// `max_idle` are kept between uses: a burst of readers opens a few more
@@ -220,7 +245,9 @@ impl ReadPool {
     }
 
     fn checkin(&self, conn: Connection) {
-        if self.closed.load(Ordering::Acquire) {
+        // A connection still in a transaction (its rollback failed) would
+        // hold its snapshot, and the WAL, for good: it is closed instead.
+        if self.closed.load(Ordering::Acquire) || !conn.is_autocommit() {
             return;
         }
         // A poisoned pool just stops recycling; the connection is closed.
@@ -255,5 +282,61 @@ impl ReadPool {
         if let Ok(mut idle) = self.idle.lock() {
             idle.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool_with_file() -> (tempfile::TempDir, Arc<ReadPool>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.sqlite");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t (x INTEGER)")
+            .unwrap();
+        (dir, Arc::new(ReadPool::new(path, 4)))
+    }
+
+    fn idle(pool: &ReadPool) -> usize {
+        pool.idle.lock().unwrap().len()
+    }
+
+    /// `f` runs inside a transaction, which is over when it returns, with
+    /// its value or its error.
+    #[tokio::test]
+    async fn a_read_transaction_ends_with_its_read() {
+        let (_dir, pool) = pool_with_file();
+        let inside = pool
+            .run(|conn| in_read_transaction(conn, |conn| Ok(conn.is_autocommit())))
+            .await
+            .unwrap();
+        assert!(!inside, "f ran outside a transaction");
+        let (error, ended) = pool
+            .run(|conn| {
+                let read = in_read_transaction(conn, |_| Err::<(), _>(StoreError::Closed));
+                Ok((read.err(), conn.is_autocommit()))
+            })
+            .await
+            .unwrap();
+        assert!(matches!(error, Some(StoreError::Closed)), "{error:?}");
+        assert!(ended, "a failed read left its transaction open");
+        // Both connections were pooled again: they are out of their
+        // transactions.
+        assert_eq!(idle(&pool), 1);
+    }
+
+    /// A connection left inside a transaction is not handed to the next
+    /// read, which would see its old snapshot.
+    #[tokio::test]
+    async fn a_connection_left_in_a_transaction_is_not_pooled() {
+        let (_dir, pool) = pool_with_file();
+        pool.run(|conn| Ok(conn.execute_batch("BEGIN")?))
+            .await
+            .unwrap();
+        assert_eq!(idle(&pool), 0);
+        pool.run(|_| Ok(())).await.unwrap();
+        assert_eq!(idle(&pool), 1);
     }
 }

@@ -92,49 +92,47 @@ macro_rules! select_events {
     };
 }
 
-/// The events of a [`StreamSet`] from a position on, in position order:
+/// The positions of a [`StreamSet`]'s events in `?4..?5`, in no order:
 /// `?1`/`?2` bound the prefix's range of stream names (`?2` is the least
-/// name above every name with the prefix), `?3` is the exact stream, `?4`
-/// the first position, `?5` the limit, `?6` the position to stop before
-/// (see [`StreamSetRead`]). The positions come from the
-/// `(stream, revision)` index alone (it holds the rowid, which is the
-/// position): two range searches of it, sorted by a top-`?5` sorter, and
-/// only those rows are read from the table. Written so rather than as one
-/// `WHERE (range OR stream = ?3) AND position >= ?4 ORDER BY position`,
-/// which SQLite may answer by walking the whole table in position order.
-/// `INDEXED BY` the `UNIQUE (stream, revision)` index (the name SQLite
-/// gives it: the table's second UNIQUE constraint) holds SQLite to that
-/// plan: with statistics (`ANALYZE`) of a log where the range is a large
-/// share, it chose to walk the whole table in position order instead, and
-/// a plan without the index now fails to prepare rather than run slowly.
-/// `+position` keeps the position bound off the table's rowid search. The
-/// range leaves out `?3`, so no position comes twice.
-macro_rules! select_stream_set {
+/// name above every name with the prefix), `?3` is the exact stream. They
+/// come from the `(stream, revision)` index alone (it holds the rowid,
+/// which is the position): two range searches of it. Written so rather
+/// than as one `WHERE (range OR stream = ?3) AND position >= ?4`, which
+/// SQLite may answer by walking the whole table. `INDEXED BY` the `UNIQUE
+/// (stream, revision)` index (the name SQLite gives it: the table's second
+/// UNIQUE constraint) holds SQLite to that plan: with statistics
+/// (`ANALYZE`) of a log where the range is a large share, it chose to walk
+/// the whole table in position order instead, and a plan without the index
+/// now fails to prepare rather than run slowly. `+position` keeps the
+/// position bound off the table's rowid search. The range leaves out `?3`,
+/// so no position comes twice. The caller sorts them: SQLite's sorter (a
+/// temporary B-tree) took three times as long as the walk itself.
+macro_rules! select_stream_set_positions {
     () => {
-        select_events!(
-            "WHERE position IN (\
-                SELECT position FROM events INDEXED BY sqlite_autoindex_events_2 \
-                    WHERE stream >= ?1 AND stream < ?2 AND stream <> ?3 \
-                        AND +position >= ?4 AND +position < ?6 \
-                UNION ALL \
-                SELECT position FROM events INDEXED BY sqlite_autoindex_events_2 \
-                    WHERE stream = ?3 AND +position >= ?4 AND +position < ?6 \
-                ORDER BY position LIMIT ?5) \
-             ORDER BY position"
-        )
+        "SELECT position FROM events INDEXED BY sqlite_autoindex_events_2 \
+            WHERE stream >= ?1 AND stream < ?2 AND stream <> ?3 \
+                AND +position >= ?4 AND +position < ?5 \
+         UNION ALL \
+         SELECT position FROM events INDEXED BY sqlite_autoindex_events_2 \
+            WHERE stream = ?3 AND +position >= ?4 AND +position < ?5"
     };
 }
 
-/// One [`EventStore::read_streams`] on SQLite. Every query of
-/// [`select_stream_set!`] walks the set's whole range of the index (its
-/// key is the stream, not the position), so the cost that grows with the
-/// set is that walk, paid once per query; what a window of positions
-/// (`?4..?6`) bounds is the sort: only the window's events are sorted, not
-/// every one after `from` (a third of a chunk's time for an institution
-/// holding a tenth of a million-event log). The window starts at
-/// [`Self::FIRST_WINDOW`] times the limit and grows fourfold while it
-/// comes back short, so a sparse set takes a few walks of its (small)
-/// range.
+/// One [`EventStore::read_streams`] on SQLite, in one read transaction: the
+/// set's positions from [`select_stream_set_positions!`], then its rows
+/// read one by one by position.
+///
+/// Every walk of that index range costs the whole range (its key is the
+/// stream, not the position): 18 ms for the largest institution of a
+/// 1M-event log, most of an export chunk's time when each chunk walked it
+/// again. So a walk gathers the positions of up to [`Self::AHEAD`] reads
+/// of this size, and what the read does not use is kept in
+/// [`SetPositions`] for the read that goes on where this one stopped (an
+/// export's next chunk, a client's next page). A window of positions
+/// (`?4..?5`) bounds what a walk returns and sorts: it starts at
+/// [`Self::FIRST_WINDOW`] times what the walk gathers and grows fourfold
+/// while the read is short, so a sparse set takes a few walks of its
+/// (small) range.
 struct StreamSetRead {
     lo: String,
     hi: rusqlite::types::Value,
@@ -144,7 +142,11 @@ struct StreamSetRead {
 }
 
 impl StreamSetRead {
-    const FIRST_WINDOW: i64 = 16;
+    const FIRST_WINDOW: i64 = 4;
+    /// Reads of this size one walk gathers positions for ...
+    const AHEAD: i64 = 64;
+    /// ... but no more positions than this (512 KiB) beyond the read's own.
+    const MOST_AHEAD: i64 = 65_536;
 
     /// `None` for a read of nothing.
     fn new(streams: &StreamSet, read: ReadAll) -> Option<Self> {
@@ -169,29 +171,156 @@ impl StreamSetRead {
     }
 
     /// Hands each row to `row`, in position order, up to the limit or the
-    /// head as it was when the read began.
+    /// head as it was when the positions were read.
     fn run(
         self,
         conn: &Connection,
+        kept: &SetPositions,
+        row: impl FnMut(&Row<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        sql::in_read_transaction(conn, |conn| self.read(conn, kept, row))
+    }
+
+    fn read(
+        &self,
+        conn: &Connection,
+        kept: &SetPositions,
         mut row: impl FnMut(&Row<'_>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        let mut found = kept
+            .take(&self.lo, &self.exact, self.from)
+            .unwrap_or_else(|| Found {
+                lo: self.lo.clone(),
+                exact: self.exact.clone(),
+                from: self.from,
+                until: self.from,
+                positions: VecDeque::new(),
+            });
+        found.skip_to(self.from);
+        if found.len() < self.limit {
+            let walks = self.walk(conn, &mut found)?;
+            kept.walks.fetch_add(walks, Ordering::Relaxed);
+        }
+        let mut stmt = conn.prepare_cached(select_events!("WHERE position = ?1"))?;
+        for _ in 0..self.limit {
+            let Some(position) = found.positions.pop_front() else {
+                break;
+            };
+            let mut rows = stmt.query([position])?;
+            let Some(r) = rows.next()? else {
+                return Err(StoreError::Corrupt {
+                    position: u64::try_from(position).unwrap_or(0),
+                    reason: "in the stream index but not in the log".to_owned(),
+                });
+            };
+            row(r)?;
+            found.from = position + 1;
+        }
+        kept.keep(found);
+        Ok(())
+    }
+
+    /// Adds the set's next positions to `found` until it holds this read's
+    /// or the walks reached the head; returns how many walks it made.
+    fn walk(&self, conn: &Connection, found: &mut Found) -> Result<u64, StoreError> {
         let head = sql::to_i64(read_head(conn)?, "position")?;
-        let mut stmt = conn.prepare_cached(select_stream_set!())?;
-        let mut from = self.from;
-        let mut left = self.limit;
-        let mut window = self.limit.saturating_mul(Self::FIRST_WINDOW);
-        while left > 0 && from <= head {
-            let until = from.saturating_add(window);
-            let mut rows = stmt.query(params![self.lo, self.hi, self.exact, from, left, until])?;
-            while let Some(r) = rows.next()? {
-                row(r)?;
-                left -= 1;
+        let gather = self
+            .limit
+            .saturating_mul(Self::AHEAD)
+            .min(Self::MOST_AHEAD)
+            .max(self.limit);
+        let mut stmt = conn.prepare_cached(select_stream_set_positions!())?;
+        let mut window = gather.saturating_mul(Self::FIRST_WINDOW);
+        let mut walks = 0;
+        while found.len() < self.limit && found.until <= head {
+            walks += 1;
+            // Only positions up to the head read above: every one of them
+            // is in the log (and stays: it is immutable and gap-free), so
+            // what the walk finds below `until` is all the set has there.
+            let mut until = found.until.saturating_add(window).min(head + 1);
+            let mut positions = stmt
+                .query_map(
+                    params![self.lo, self.hi, self.exact, found.until, until],
+                    |r| r.get::<_, i64>(0),
+                )?
+                .collect::<Result<Vec<_>, _>>()?;
+            positions.sort_unstable();
+            let room = usize::try_from(gather - found.len()).unwrap_or(usize::MAX);
+            if positions.len() > room {
+                positions.truncate(room);
+                // Cut short: what follows the last kept is not kept.
+                if let Some(&last) = positions.last() {
+                    until = last + 1;
+                }
             }
-            // Short (or the loop ends): the window held no more.
-            from = until;
+            found.positions.extend(positions);
+            found.until = until;
             window = window.saturating_mul(4);
         }
-        Ok(())
+        Ok(walks)
+    }
+}
+
+/// The positions of a set's events between `from` and `until`, all of
+/// them, in order.
+struct Found {
+    lo: String,
+    exact: String,
+    from: i64,
+    until: i64,
+    positions: VecDeque<i64>,
+}
+
+impl Found {
+    fn len(&self) -> i64 {
+        i64::try_from(self.positions.len()).unwrap_or(i64::MAX)
+    }
+
+    /// Drops the positions before `from`, which must be in `from..=until`.
+    fn skip_to(&mut self, from: i64) {
+        while self.positions.front().is_some_and(|&p| p < from) {
+            self.positions.pop_front();
+        }
+        self.from = from;
+        self.until = self.until.max(from);
+    }
+}
+
+/// Positions walks found that their reads did not use, for the reads that
+/// go on from there (a few at once: concurrent exports).
+#[derive(Default)]
+struct SetPositions {
+    found: Mutex<VecDeque<Found>>,
+    /// Walks of a set's index range made (for tests).
+    walks: AtomicU64,
+}
+
+impl SetPositions {
+    /// Sets kept: at most [`StreamSetRead::MOST_AHEAD`] positions each.
+    const KEPT: usize = 8;
+
+    /// The kept positions of this set that a read from `from` can go on
+    /// with, taken out (one read uses them at a time).
+    fn take(&self, lo: &str, exact: &str, from: i64) -> Option<Found> {
+        let mut kept = self.found.lock().ok()?;
+        let i = kept
+            .iter()
+            .position(|f| f.lo == lo && f.exact == exact && f.from <= from && from < f.until)?;
+        kept.remove(i)
+    }
+
+    /// Keeps what `found` knows, if anything: its positions, or that the
+    /// set has none between `from` and `until` (the last read of an
+    /// export then walks nothing).
+    fn keep(&self, found: Found) {
+        if found.until <= found.from {
+            return;
+        }
+        // A poisoned lock only loses what would have saved a walk.
+        if let Ok(mut kept) = self.found.lock() {
+            kept.push_front(found);
+            kept.truncate(Self::KEPT);
+        }
     }
 }
 
@@ -296,6 +425,7 @@ struct Inner {
     subscription_batch: usize,
     poll_interval: Duration,
     counters: Arc<Counters>,
+    stream_sets: Arc<SetPositions>,
 }
 
 enum Request {
@@ -351,6 +481,7 @@ impl SqliteEventStore {
                 subscription_batch: options.subscription_batch.max(1),
                 poll_interval: options.poll_interval.max(Duration::from_millis(1)),
                 counters,
+                stream_sets: Arc::default(),
             }),
         })
     }
@@ -510,11 +641,12 @@ impl EventStore for SqliteEventStore {
         let Some(read) = StreamSetRead::new(streams, read) else {
             return Ok(Vec::new());
         };
+        let kept = Arc::clone(&self.inner.stream_sets);
         self.inner
             .readers
             .run(move |conn| {
                 let mut events = Vec::new();
-                read.run(conn, |row| {
+                read.run(conn, &kept, |row| {
                     events.push(decode_event(row)?);
                     Ok(())
                 })?;
@@ -533,10 +665,11 @@ impl EventStore for SqliteEventStore {
         let Some(read) = StreamSetRead::new(streams, read) else {
             return Ok(buf);
         };
+        let kept = Arc::clone(&self.inner.stream_sets);
         self.inner
             .readers
             .run(move |conn| {
-                read.run(conn, |row| push_raw(&mut buf, row))?;
+                read.run(conn, &kept, |row| push_raw(&mut buf, row))?;
                 Ok(buf)
             })
             .await

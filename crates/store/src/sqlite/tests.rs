@@ -793,6 +793,154 @@ async fn stream_set_reads_equal_filtering_the_log() {
     assert!(none.is_empty());
 }
 
+/// Paging a set by small reads walks its index range once per
+/// [`StreamSetRead::AHEAD`] reads, not once per read: a read goes on with
+/// the positions the last walk found.
+#[tokio::test]
+async fn paging_a_set_walks_its_index_once_per_many_reads() {
+    let (_dir, store) = temp_store();
+    let log = institutions_log(&store).await;
+    let expected: Vec<_> = log
+        .iter()
+        .filter(|e| institution(1).contains(e.stream.as_bytes()))
+        .cloned()
+        .collect();
+    assert_eq!(expected.len(), 400);
+    let walks = || store.inner.stream_sets.walks.load(Ordering::Relaxed);
+    let before = walks();
+    // 401 reads of 1 (the last one empty): each walk gathers the next 64
+    // positions, and the last read knows from the last walk that the set
+    // has no more.
+    let (events, reads) = read_set_decoded(&store, &institution(1), 0, 1).await;
+    assert_eq!(events, expected);
+    assert_eq!(reads, 401);
+    let per_walk = usize::try_from(StreamSetRead::AHEAD).unwrap();
+    assert_eq!(walks() - before, 400usize.div_ceil(per_walk) as u64);
+    // 41 reads of 10: one walk gathers 640 positions, more than the set.
+    let before = walks();
+    let (events, _) = read_set_decoded(&store, &institution(1), 0, 10).await;
+    assert_eq!(events, expected);
+    assert_eq!(walks() - before, 1);
+}
+
+/// [`read_set`]'s decoded half only, so what it walks is counted once.
+async fn read_set_decoded(
+    store: &SqliteEventStore,
+    streams: &StreamSet,
+    from: Position,
+    chunk: usize,
+) -> (Vec<RecordedEvent>, usize) {
+    let mut events = Vec::new();
+    let mut next = from;
+    let mut reads = 0;
+    loop {
+        let read = store
+            .read_streams(
+                streams,
+                ReadAll {
+                    from: next,
+                    limit: chunk,
+                },
+            )
+            .await
+            .unwrap();
+        reads += 1;
+        let short = read.len() < chunk;
+        if let Some(last) = read.last() {
+            next = last.position + 1;
+        }
+        events.extend(read);
+        if short {
+            return (events, reads);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum SetOp {
+    /// Reader `reader` reads its set's next `limit` events.
+    Read { reader: usize, limit: usize },
+    /// `count` events appended to institution `institution`'s learner
+    /// `learner` (0: the institution's own stream).
+    Append {
+        institution: u64,
+        learner: u64,
+        count: usize,
+    },
+}
+
+fn set_op() -> impl Strategy<Value = SetOp> {
+    prop_oneof![
+        3 => (0..12usize, 1..40usize).prop_map(|(reader, limit)| SetOp::Read { reader, limit }),
+        1 => (1..4u64, 0..5u64, 1..30usize)
+            .prop_map(|(institution, learner, count)| SetOp::Append { institution, learner, count }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// However readers of several sets interleave with one another and
+    /// with appends (more readers than sets kept, readers of one set at
+    /// different places, events appended to a set after a walk found its
+    /// positions), each read returns exactly the set's next events.
+    #[test]
+    fn interleaved_set_reads_and_appends_equal_filtering_the_log(
+        ops in proptest::collection::vec(set_op(), 1..120)
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let (_dir, store) = temp_store();
+            let mut n = 0;
+            let mut append = |institution: u64, learner: u64, count: usize| {
+                let store = store.clone();
+                let stream = match learner {
+                    0 => format!("institution-{institution}"),
+                    l => format!("learner-{institution}-{l}"),
+                };
+                let events: Vec<_> = (0..count).map(|_| { n += 1; simple(n) }).collect();
+                async move {
+                    store.append(&stream, ExpectedRevision::Any, events).await.unwrap();
+                }
+            };
+            for (i, (learner, count)) in [(1, 50), (0, 3), (2, 80)].into_iter().enumerate() {
+                for institution in 1..4 {
+                    append(institution, learner + i as u64 % 2, count).await;
+                }
+            }
+            // Readers 0..12 read institutions 1, 2, 3 in turn: four of each.
+            let mut next: Vec<Position> = vec![1; 12];
+            for op in ops {
+                match op {
+                    SetOp::Append { institution, learner, count } => {
+                        append(institution, learner, count).await;
+                    }
+                    SetOp::Read { reader, limit } => {
+                        let set = institution(reader as u64 % 3 + 1);
+                        let read = store
+                            .read_streams(&set, ReadAll { from: next[reader], limit })
+                            .await
+                            .unwrap();
+                        let expected: Vec<_> = everything(&store)
+                            .await
+                            .into_iter()
+                            .filter(|e| e.position >= next[reader] && set.contains(e.stream.as_bytes()))
+                            .take(limit)
+                            .collect();
+                        assert_eq!(read, expected, "reader {reader} from {}", next[reader]);
+                        if let Some(last) = read.last() {
+                            next[reader] = last.position + 1;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
 #[tokio::test]
 async fn stream_set_prefixes_without_a_successor_still_bound_the_range() {
     assert_eq!(
@@ -811,37 +959,44 @@ async fn stream_set_prefixes_without_a_successor_still_bound_the_range() {
 }
 
 /// The positions come from the `(stream, revision)` index: SQLite never
-/// walks the table (`SCAN events`) for a stream-set read.
+/// walks the table (`SCAN events`) for a stream-set read, and reads each
+/// row by its position.
 #[tokio::test]
 async fn stream_set_reads_search_the_stream_index() {
     let (dir, store) = temp_store();
     institutions_log(&store).await;
     let conn = Connection::open(dir.path().join("events.sqlite")).unwrap();
+    let plan = |sql: &str, params: &[&dyn rusqlite::ToSql]| -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let plan: Vec<String> = stmt
+            .query_map(params, |row| row.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        plan.join("\n")
+    };
     // With and without statistics: the plan must not depend on them.
     for analyze in [false, true] {
         if analyze {
             conn.execute_batch("ANALYZE").unwrap();
         }
-        let mut stmt = conn
-            .prepare(concat!("EXPLAIN QUERY PLAN ", select_stream_set!()))
-            .unwrap();
-        let plan: Vec<String> = stmt
-            .query_map(
-                params!["learner-1-", "learner-1.", "institution-1", 1, 1000, 16_001],
-                |row| row.get(3),
-            )
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        let plan = plan.join("\n");
-        println!("{plan}");
-        assert!(!plan.contains("SCAN events"), "{plan}");
-        assert!(plan.contains("(stream>? AND stream<?)"), "{plan}");
-        assert!(plan.contains("(stream=?)"), "{plan}");
-        assert!(
-            plan.contains("USING INTEGER PRIMARY KEY (rowid=?)"),
-            "{plan}"
+        let walk = plan(
+            select_stream_set_positions!(),
+            params!["learner-1-", "learner-1.", "institution-1", 1, 16_001],
         );
+        println!("{walk}");
+        assert!(!walk.contains("SCAN"), "{walk}");
+        assert!(!walk.contains("TEMP B-TREE"), "{walk}");
+        assert!(
+            walk.contains("COVERING INDEX sqlite_autoindex_events_2 (stream>? AND stream<?)"),
+            "{walk}"
+        );
+        assert!(
+            walk.contains("COVERING INDEX sqlite_autoindex_events_2 (stream=?)"),
+            "{walk}"
+        );
+        let row = plan(select_events!("WHERE position = ?1"), params![5]);
+        assert!(row.contains("USING INTEGER PRIMARY KEY (rowid=?)"), "{row}");
     }
 }
 
