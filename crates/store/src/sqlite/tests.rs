@@ -675,16 +675,18 @@ fn institution(i: u64) -> StreamSet {
     StreamSet::new(format!("learner-{i}-"), format!("institution-{i}"))
 }
 
-/// Reads the whole set from `from`, `chunk` events at a time, as an export
-/// does; checks that only the last read comes back short.
-async fn read_set(
+/// Reads the whole set from `from`, `chunk` events at a time, decoded;
+/// checks that only the last read comes back short. Returns the events and
+/// how many reads it took.
+async fn read_set_decoded(
     store: &dyn EventStore,
     streams: &StreamSet,
     from: Position,
     chunk: usize,
-) -> (Vec<RecordedEvent>, RawEvents) {
+) -> (Vec<RecordedEvent>, usize) {
     let mut events = Vec::new();
     let mut next = from;
+    let mut reads = 0;
     loop {
         let read = store
             .read_streams(
@@ -696,6 +698,7 @@ async fn read_set(
             )
             .await
             .unwrap();
+        reads += 1;
         assert!(read.len() <= chunk);
         let short = read.len() < chunk;
         if let Some(last) = read.last() {
@@ -703,9 +706,21 @@ async fn read_set(
         }
         events.extend(read);
         if short {
-            break;
+            return (events, reads);
         }
     }
+}
+
+/// Reads the whole set from `from`, `chunk` events at a time, as an export
+/// does, decoded and then raw; checks that only the last read of each
+/// comes back short.
+async fn read_set(
+    store: &dyn EventStore,
+    streams: &StreamSet,
+    from: Position,
+    chunk: usize,
+) -> (Vec<RecordedEvent>, RawEvents) {
+    let (events, _) = read_set_decoded(store, streams, from, chunk).await;
     let mut raw = RawEvents::default();
     let mut buf = RawEvents::default();
     let mut next = from;
@@ -821,39 +836,6 @@ async fn paging_a_set_walks_its_index_once_per_many_reads() {
     let (events, _) = read_set_decoded(&store, &institution(1), 0, 10).await;
     assert_eq!(events, expected);
     assert_eq!(walks() - before, 1);
-}
-
-/// [`read_set`]'s decoded half only, so what it walks is counted once.
-async fn read_set_decoded(
-    store: &SqliteEventStore,
-    streams: &StreamSet,
-    from: Position,
-    chunk: usize,
-) -> (Vec<RecordedEvent>, usize) {
-    let mut events = Vec::new();
-    let mut next = from;
-    let mut reads = 0;
-    loop {
-        let read = store
-            .read_streams(
-                streams,
-                ReadAll {
-                    from: next,
-                    limit: chunk,
-                },
-            )
-            .await
-            .unwrap();
-        reads += 1;
-        let short = read.len() < chunk;
-        if let Some(last) = read.last() {
-            next = last.position + 1;
-        }
-        events.extend(read);
-        if short {
-            return (events, reads);
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
