@@ -126,9 +126,9 @@ macro_rules! select_stream_set_positions {
 /// stream, not the position): 18 ms for the largest institution of a
 /// 1M-event log, most of an export chunk's time when each chunk walked it
 /// again. So a walk gathers the positions of up to [`Self::AHEAD`] reads
-/// of this size, and what the read does not use is kept in
-/// [`SetPositions`] for the read that goes on where this one stopped (an
-/// export's next chunk, a client's next page). A window of positions
+/// of this size, and keeps them in [`SetPositions`] for the reads that go
+/// on from any of them (an export's next chunk, a client's next page,
+/// which may begin inside this read). A window of positions
 /// (`?4..?5`) bounds what a walk returns and sorts: it starts at
 /// [`Self::FIRST_WINDOW`] times what the walk gathers and grows fourfold
 /// while the read is short, so a sparse set takes a few walks of its
@@ -202,10 +202,8 @@ impl StreamSetRead {
             kept.walks.fetch_add(walks, Ordering::Relaxed);
         }
         let mut stmt = conn.prepare_cached(select_events!("WHERE position = ?1"))?;
-        for _ in 0..self.limit {
-            let Some(position) = found.positions.pop_front() else {
-                break;
-            };
+        let limit = usize::try_from(self.limit).unwrap_or(usize::MAX);
+        for &position in found.positions.iter().take(limit) {
             let mut rows = stmt.query([position])?;
             let Some(r) = rows.next()? else {
                 return Err(StoreError::Corrupt {
@@ -214,8 +212,10 @@ impl StreamSetRead {
                 });
             };
             row(r)?;
-            found.from = position + 1;
         }
+        // Kept from this read's first position, not after its last: a
+        // client's page may use only the start of a read (a page of 50
+        // events reads a chunk of 1,000) and go on from there.
         kept.keep(found);
         Ok(())
     }
@@ -278,16 +278,15 @@ impl Found {
 
     /// Drops the positions before `from`, which must be in `from..=until`.
     fn skip_to(&mut self, from: i64) {
-        while self.positions.front().is_some_and(|&p| p < from) {
-            self.positions.pop_front();
-        }
+        let before = self.positions.partition_point(|&p| p < from);
+        self.positions.drain(..before);
         self.from = from;
         self.until = self.until.max(from);
     }
 }
 
-/// Positions walks found that their reads did not use, for the reads that
-/// go on from there (a few at once: concurrent exports).
+/// Positions walks found, for the reads that go on from any of them (a few
+/// sets at once: concurrent exports and clients).
 #[derive(Default)]
 struct SetPositions {
     found: Mutex<VecDeque<Found>>,

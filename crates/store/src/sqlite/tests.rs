@@ -836,6 +836,16 @@ async fn paging_a_set_walks_its_index_once_per_many_reads() {
     let (events, _) = read_set_decoded(&store, &institution(1), 0, 10).await;
     assert_eq!(events, expected);
     assert_eq!(walks() - before, 1);
+    // A page that uses the start of a read (50 of a read of 100) and a
+    // next page that goes on from inside it: one walk for both.
+    let before = walks();
+    let set = institution(1);
+    let read = |from: Position| store.read_streams(&set, ReadAll { from, limit: 100 });
+    let first = read(1).await.unwrap();
+    assert_eq!(first, expected[..100]);
+    let next = read(first[49].position + 1).await.unwrap();
+    assert_eq!(next, expected[50..150]);
+    assert_eq!(walks() - before, 1);
 }
 
 #[derive(Debug, Clone)]
