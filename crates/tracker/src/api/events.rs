@@ -506,7 +506,7 @@ async fn answer(
     match format {
         Format::Ndjson => export(ctx, request).await,
         Format::Csv => {
-            let (items, next) = page(&ctx, &request).await?;
+            let (items, next) = page(&*ctx.events, &request).await?;
             let body = dto::to_csv(&items).map_err(|e| Failure::internal(&e))?;
             let mut res = HttpResponse::Ok()
                 .insert_header((header::CONTENT_TYPE, "text/csv; charset=utf-8"))
@@ -515,7 +515,7 @@ async fn answer(
             Ok(res)
         }
         Format::Json => {
-            let (items, next) = page(&ctx, &request).await?;
+            let (items, next) = page(&*ctx.events, &request).await?;
             let mut res = HttpResponse::Ok().json(dto::EventPage {
                 items,
                 next_cursor: next.clone(),
@@ -534,20 +534,24 @@ fn next_header(res: &mut HttpResponse, next: Option<&str>) {
 }
 
 /// One page: up to `limit` matching events, reading at most
-/// [`SCAN_BUDGET`] events of the log.
+/// [`SCAN_BUDGET`] events of the log. Its first read is of `limit` events:
+/// without a time filter every event the source gives matches, so a page
+/// of 50 reads 50, not a chunk; only a page that some events did not match
+/// goes on a [`CHUNK`] at a time.
 async fn page(
-    ctx: &ApiContext,
+    log: &dyn EventStore,
     request: &Request,
 ) -> Result<(Vec<dto::Event>, Option<String>), Failure> {
     let mut items = Vec::new();
     let mut after = request.after;
     let mut scanned = 0;
     let done = loop {
-        let want = CHUNK.min(SCAN_BUDGET - scanned);
+        let chunk = if scanned == 0 { request.limit } else { CHUNK };
+        let want = chunk.min(CHUNK).min(SCAN_BUDGET - scanned);
         if want == 0 {
             break false;
         }
-        let (events, _) = read_chunk(&*ctx.events, &request.source, after, want)
+        let (events, _) = read_chunk(log, &request.source, after, want)
             .await
             .map_err(|e| store_unavailable(&e))?;
         let read = events.len();
@@ -1116,6 +1120,168 @@ mod tests {
             assert_eq!(err.position, 9);
             assert!(err.reason.starts_with(field), "{}", err.reason);
         }
+    }
+
+    /// The log, counting the events its reads give.
+    #[derive(Debug)]
+    struct Counting {
+        log: tracker_store::sqlite::SqliteEventStore,
+        read: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Counting {
+        fn add(&self, events: &[RecordedEvent]) {
+            self.read.fetch_add(events.len(), Ordering::Relaxed);
+        }
+
+        fn take(&self) -> usize {
+            self.read.swap(0, Ordering::Relaxed)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl EventStore for Counting {
+        async fn append(
+            &self,
+            stream: &str,
+            expected: tracker_store::ExpectedRevision,
+            events: Vec<tracker_store::NewEvent>,
+        ) -> Result<tracker_store::AppendOutcome, tracker_store::AppendError> {
+            self.log.append(stream, expected, events).await
+        }
+
+        async fn read_stream(
+            &self,
+            stream: &str,
+            from: u64,
+            limit: usize,
+        ) -> Result<Vec<RecordedEvent>, StoreError> {
+            let events = self.log.read_stream(stream, from, limit).await?;
+            self.add(&events);
+            Ok(events)
+        }
+
+        async fn read_all(&self, read: ReadAll) -> Result<Vec<RecordedEvent>, StoreError> {
+            let events = self.log.read_all(read).await?;
+            self.add(&events);
+            Ok(events)
+        }
+
+        async fn read_streams(
+            &self,
+            streams: &StreamSet,
+            read: ReadAll,
+        ) -> Result<Vec<RecordedEvent>, StoreError> {
+            let events = self.log.read_streams(streams, read).await?;
+            self.add(&events);
+            Ok(events)
+        }
+
+        async fn head(&self) -> Result<Position, StoreError> {
+            self.log.head().await
+        }
+
+        fn subscribe_all(&self, from: Position) -> tracker_store::Subscription {
+            self.log.subscribe_all(from)
+        }
+
+        async fn writable(&self) -> Result<(), StoreError> {
+            self.log.writable().await
+        }
+    }
+
+    /// A page reads what it still needs while every event matches, and
+    /// goes on a chunk at a time once some did not; either way its events
+    /// and cursor are those of the filtered log.
+    #[tokio::test]
+    async fn a_page_reads_the_events_it_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Counting {
+            log: tracker_store::sqlite::SqliteEventStore::open(dir.path().join("events.sqlite"))
+                .unwrap(),
+            read: Default::default(),
+        };
+        // 1,500 events, one learner of institution 7 in two of three.
+        for n in 0..1_500u64 {
+            let stream = if n % 3 == 0 {
+                "learner-8-1"
+            } else {
+                "learner-7-1"
+            };
+            let event = tracker_store::contract::event(n + 1, "{}");
+            log.append(stream, tracker_store::ExpectedRevision::Any, vec![event])
+                .await
+                .unwrap();
+        }
+        let seven = institution_streams(InstitutionId::try_from(7).unwrap());
+        let request = |source: Source, streams: Streams, after: u64, from: Option<u64>| Request {
+            source,
+            filter: Filter {
+                streams,
+                from_position: 0,
+                to_position: Position::MAX,
+                from: from.map(|s| Utc.timestamp_opt(i64::try_from(s).unwrap(), 0).unwrap()),
+                to: None,
+            },
+            scope: CursorScope::new("events", "position"),
+            after,
+            limit: 50,
+        };
+        let positions =
+            |items: &[dto::Event]| -> Vec<u64> { items.iter().map(|e| e.position).collect() };
+        // Every event of the log, of the institution, of the learner.
+        let cases = [
+            (Source::All, Streams::Any, (11..=60).collect::<Vec<u64>>()),
+            (
+                Source::Institution(seven.clone()),
+                Streams::Institution(seven.clone()),
+                (11..).filter(|p| (p - 1) % 3 != 0).take(50).collect(),
+            ),
+        ];
+        for (source, streams, expected) in cases {
+            let (items, next) = page(&log, &request(source, streams, 10, None))
+                .await
+                .unwrap();
+            assert_eq!(positions(&items), expected);
+            assert!(next.is_some());
+            assert_eq!(log.take(), 50);
+        }
+        let learner = Source::Stream("learner-7-1".into());
+        let (items, _) = page(&log, &request(learner, Streams::Any, 0, None))
+            .await
+            .unwrap();
+        assert_eq!(items.len(), 50);
+        assert_eq!(log.take(), 50);
+        // A time filter that none of the first 50 events matches: the
+        // page goes on a chunk at a time.
+        let received = log
+            .log
+            .read_all(ReadAll {
+                from: 100,
+                limit: 1,
+            })
+            .await
+            .unwrap();
+        let from = received[0].metadata.received_at;
+        let mut filtered = request(Source::All, Streams::Any, 0, None);
+        filtered.filter.from = Some(from);
+        let (items, next) = page(&log, &filtered).await.unwrap();
+        let expected: Vec<u64> = log
+            .log
+            .read_all(ReadAll {
+                from: 1,
+                limit: 1_500,
+            })
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.metadata.received_at >= from)
+            .take(50)
+            .map(|e| e.position)
+            .collect();
+        log.take();
+        assert_eq!(positions(&items), expected);
+        assert!(next.is_some());
     }
 
     #[test]
