@@ -214,8 +214,9 @@ impl StreamSetRead {
             row(r)?;
         }
         // Kept from this read's first position, not after its last: a
-        // client's page may use only the start of a read (a page of 50
-        // events reads a chunk of 1,000) and go on from there.
+        // page that is full before the end of its read (one with a time
+        // filter reads a chunk at a time) ends inside it, and the next
+        // page goes on from there.
         kept.keep(found);
         Ok(())
     }
