@@ -349,6 +349,12 @@ pub(crate) fn storage(e: impl fmt::Display) -> QueryError {
     QueryError::Storage(e.to_string())
 }
 
+impl From<rusqlite::Error> for QueryError {
+    fn from(e: rusqlite::Error) -> Self {
+        storage(e)
+    }
+}
+
 /// The read models, one method per endpoint. Dyn-compatible.
 #[async_trait]
 pub trait ReadModelQueries: Send + Sync + fmt::Debug {

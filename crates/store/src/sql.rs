@@ -164,25 +164,26 @@ pub(crate) fn limit_to_i64(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
-/// `f` in one read transaction: one snapshot of the log, and one WAL read
-/// lock and page-cache check instead of one per statement (a read of many
-/// rows by key spent about a quarter of its time more without it, in
-/// `fcntl` and `fstat`). `BEGIN` and `COMMIT` are cached statements (rusqlite's
-/// `Transaction` parses them at every call).
-pub(crate) fn in_read_transaction<T>(
+/// `f` in one read transaction: one snapshot, and one WAL read lock and
+/// page-cache check instead of one per statement (a read of many rows by
+/// key spent about a quarter of its time more without it, in `fcntl` and
+/// `fstat`). `BEGIN` and `COMMIT` are cached statements (rusqlite's
+/// `Transaction` parses them at every call). If `f` fails, the transaction
+/// is rolled back and `f`'s error returned; a connection whose rollback
+/// failed is still inside it, so pools must not hand it out again (check
+/// [`Connection::is_autocommit`]).
+pub fn in_read_transaction<T, E: From<rusqlite::Error>>(
     conn: &Connection,
-    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    let run = |sql: &str| -> Result<(), StoreError> {
-        conn.prepare_cached(sql)?.execute([])?;
-        Ok(())
-    };
+    f: impl FnOnce(&Connection) -> Result<T, E>,
+) -> Result<T, E> {
+    let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
     run("BEGIN")?;
     match f(conn) {
-        Ok(value) => run("COMMIT").map(|()| value),
+        Ok(value) => {
+            run("COMMIT")?;
+            Ok(value)
+        }
         Err(e) => {
-            // The read's error is the one to report; a connection whose
-            // rollback failed is not pooled again (`ReadPool::checkin`).
             let _ = run("ROLLBACK");
             Err(e)
         }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql};
-use tracker_store::Position;
+use tracker_store::{Position, in_read_transaction};
 use uuid::Uuid;
 
 use super::*;
@@ -110,30 +110,6 @@ impl SqliteQueries {
         })
         .await
         .map_err(|e| storage(format!("query task failed: {e}")))?
-    }
-}
-
-/// `f` in one read transaction, begun and ended by cached statements
-/// (rusqlite's `Transaction` parses `BEGIN` and `COMMIT` on every call).
-fn in_read_transaction<T>(
-    conn: &Connection,
-    f: impl FnOnce(&Connection) -> Result<T, QueryError>,
-) -> Result<T, QueryError> {
-    let run = |sql: &str| {
-        conn.prepare_cached(sql)
-            .and_then(|mut s| s.execute([]))
-            .map_err(storage)
-    };
-    run("BEGIN")?;
-    match f(conn) {
-        Ok(value) => run("COMMIT").map(|_| value),
-        Err(e) => {
-            // The answer's error is the one to report; a connection whose
-            // rollback failed is still in a transaction and is not pooled
-            // again (`checkin`).
-            let _ = run("ROLLBACK");
-            Err(e)
-        }
     }
 }
 
