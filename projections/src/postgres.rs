@@ -16,7 +16,7 @@
 //! that are sorted on use `COLLATE "C"`, SQLite's byte order, whatever the
 //! database's default collation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -232,10 +232,15 @@ fn storage(e: impl std::fmt::Display) -> ReadStoreError {
     ReadStoreError::Storage(e.to_string())
 }
 
-/// A PostgreSQL error with what was being done: tokio-postgres' own text
-/// ("db error: ERROR: ...") does not say which statement failed.
+/// A PostgreSQL error with what was being done, and the server's own
+/// message when there is one (`ERROR: ...` and its detail): tokio-postgres
+/// displays every server error as just "db error", its reason only in the
+/// error's source.
 fn pg(context: &'static str) -> impl Fn(tokio_postgres::Error) -> ReadStoreError {
-    move |e| ReadStoreError::Storage(format!("{context}: {e}"))
+    move |e| match e.as_db_error() {
+        Some(db) => ReadStoreError::Storage(format!("{context}: {db}")),
+        None => ReadStoreError::Storage(format!("{context}: {e}")),
+    }
 }
 
 /// What SQLite keeps of a time (`sqlite::sql_time` has whole seconds), so
@@ -289,10 +294,9 @@ pub struct PgReadStore {
     /// A handle that follows the current pointer (live projector, queries);
     /// a rebuild's handle stays on its own generation.
     follows_current: bool,
-    /// A generation being built: the read-side indexes dropped at its
-    /// creation (their `CREATE INDEX` statements), built at `seal` from the
-    /// loaded rows instead of maintained row by row.
-    deferred_indexes: Arc<Mutex<Vec<String>>>,
+    /// A generation being built: the indexes dropped at its creation,
+    /// built at `seal` from the loaded rows instead of maintained row by row.
+    deferred_indexes: Arc<tokio::sync::Mutex<Vec<DeferredIndex>>>,
 }
 
 impl std::fmt::Debug for PgReadStore {
@@ -472,32 +476,171 @@ async fn get(pool: &Pool) -> Result<deadpool_postgres::Object, ReadStoreError> {
         .map_err(|e| storage(format!("PostgreSQL connection: {e}")))
 }
 
-/// Drops the explicit indexes of schema `s` (not those behind primary keys
-/// and unique constraints, which the writes rely on) and returns their DDL.
-async fn defer_secondary_indexes(
+/// An index of a generation being built: dropped when the generation is
+/// created, built at `seal` from the loaded rows (one sort) instead of
+/// maintained row by row during the load.
+#[derive(Debug, Clone)]
+struct DeferredIndex {
+    table: String,
+    /// `CREATE [UNIQUE] INDEX IF NOT EXISTS ...`.
+    build: String,
+    /// For the index behind a primary key: the `ALTER TABLE` that makes it
+    /// the key again once it is built.
+    constraint: Option<String>,
+}
+
+/// Drops the indexes of schema `s`'s projection tables (secondary indexes
+/// and primary keys; not those of its checkpoints, dead letters and leases,
+/// which a build writes with upserts) and returns how to build them again.
+/// A projection's bulk load writes each key once, from the fold's maps, and
+/// `seal` checks it again when it builds the unique index.
+async fn defer_indexes(
     tx: &Transaction<'_>,
     s: &str,
-) -> Result<Vec<String>, ReadStoreError> {
+) -> Result<Vec<DeferredIndex>, ReadStoreError> {
     let rows = tx
         .query(
-            "SELECT i.indexname::text, i.indexdef FROM pg_indexes i
-             WHERE i.schemaname = $1
-               AND NOT EXISTS (SELECT 1 FROM pg_constraint c
-                               WHERE c.conindid = format('%I.%I', i.schemaname, i.indexname)::regclass)
-             ORDER BY i.indexname",
+            "SELECT t.relname::text, i.relname::text, pg_get_indexdef(i.oid), c.conname::text
+             FROM pg_index x
+             JOIN pg_class i ON i.oid = x.indexrelid
+             JOIN pg_class t ON t.oid = x.indrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+             LEFT JOIN pg_constraint c ON c.conindid = i.oid AND c.contype = 'p'
+             WHERE n.nspname = $1
+               AND (t.relname LIKE 'inst\\_%' OR t.relname LIKE 'lrn\\_%')
+               AND (c.oid IS NOT NULL
+                    OR NOT EXISTS (SELECT 1 FROM pg_constraint o WHERE o.conindid = i.oid))
+             ORDER BY t.relname, i.relname",
             &[&s],
         )
         .await
         .map_err(pg("listing the read indexes"))?;
-    let mut ddl = Vec::with_capacity(rows.len());
+    let mut deferred = Vec::with_capacity(rows.len());
     for row in rows {
-        let name: String = row.try_get(0).map_err(pg("listing the read indexes"))?;
-        ddl.push(row.try_get(1).map_err(pg("listing the read indexes"))?);
-        tx.batch_execute(&format!("DROP INDEX {s}.{}", quote_ident(&name)))
+        let get = |i| -> Result<Option<String>, ReadStoreError> {
+            row.try_get(i).map_err(pg("listing the read indexes"))
+        };
+        let (Some(table), Some(index), Some(build)) = (get(0)?, get(1)?, get(2)?) else {
+            return Err(storage("an index without a table, name or definition"));
+        };
+        let (table_q, index_q) = (quote_ident(&table), quote_ident(&index));
+        let (drop, constraint) = match get(3)? {
+            Some(key) => {
+                let key = quote_ident(&key);
+                (
+                    format!("ALTER TABLE {s}.{table_q} DROP CONSTRAINT {key}"),
+                    Some(format!(
+                        "ALTER TABLE {s}.{table_q} ADD CONSTRAINT {key} PRIMARY KEY USING INDEX {index_q}"
+                    )),
+                )
+            }
+            None => (format!("DROP INDEX {s}.{index_q}"), None),
+        };
+        tx.batch_execute(&drop)
             .await
             .map_err(pg("deferring the read indexes"))?;
+        deferred.push(DeferredIndex {
+            table,
+            // A retry after a failed build skips those already built.
+            build: build.replacen(" INDEX ", " INDEX IF NOT EXISTS ", 1),
+            constraint,
+        });
     }
-    Ok(ddl)
+    Ok(deferred)
+}
+
+impl PgReadStore {
+    /// Builds the indexes a generation being built was loaded without, and
+    /// makes the primary keys' indexes keys again. Idempotent (a retry after
+    /// a failure builds what is missing); the list empties only once all
+    /// are built, and callers wait while another builds them.
+    async fn build_deferred_indexes(&self) -> Result<(), ReadStoreError> {
+        let mut deferred = self.deferred_indexes.lock().await;
+        if deferred.is_empty() {
+            return Ok(());
+        }
+        let s = schema_name(&self.generation())?;
+        // Largest tables first, taken in turn by two connections, so that
+        // two backends (two cores) sort at once and finish together. Each
+        // build commits on its own: a build's lock on its table is then
+        // never held while it waits for the other connection's.
+        let sizes: HashMap<String, i64> = {
+            let client = self.client().await?;
+            client
+                .query(
+                    "SELECT c.relname::text, pg_relation_size(c.oid) FROM pg_class c
+                     JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = $1 AND c.relkind = 'r'",
+                    &[&s],
+                )
+                .await
+                .map_err(pg("sizing the read tables"))?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<_, tokio_postgres::Error>>()
+                .map_err(pg("sizing the read tables"))?
+        };
+        let mut order: Vec<&DeferredIndex> = deferred.iter().collect();
+        order.sort_by_key(|d| std::cmp::Reverse(sizes.get(&d.table).copied().unwrap_or(0)));
+        let queue = Mutex::new(order.into_iter());
+        let build = || async {
+            let mut client = None;
+            loop {
+                let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+                let Some(index) = next else {
+                    return Ok::<(), ReadStoreError>(());
+                };
+                let client = match &mut client {
+                    Some(client) => client,
+                    None => client.insert(self.client().await?),
+                };
+                let tx = client
+                    .transaction()
+                    .await
+                    .map_err(pg("building the read indexes"))?;
+                relax_durability(&tx).await?;
+                tx.batch_execute("SET LOCAL maintenance_work_mem = '256MB'")
+                    .await
+                    .map_err(pg("building the read indexes"))?;
+                tx.batch_execute(&index.build)
+                    .await
+                    .map_err(pg("building the read indexes"))?;
+                tx.commit().await.map_err(pg("building the read indexes"))?;
+            }
+        };
+        futures::try_join!(build(), build())?;
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(pg("restoring the primary keys"))?;
+        relax_durability(&tx).await?;
+        let keys: HashSet<String> = tx
+            .query(
+                "SELECT t.relname::text FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
+                 JOIN pg_namespace n ON n.oid = t.relnamespace
+                 WHERE n.nspname = $1 AND c.contype = 'p'",
+                &[&s],
+            )
+            .await
+            .map_err(pg("restoring the primary keys"))?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(pg("restoring the primary keys"))?;
+        for index in deferred.iter().filter(|d| !keys.contains(&d.table)) {
+            if let Some(constraint) = &index.constraint {
+                tx.batch_execute(constraint)
+                    .await
+                    .map_err(pg("restoring the primary keys"))?;
+            }
+        }
+        tx.commit()
+            .await
+            .map_err(pg("restoring the primary keys"))?;
+        deferred.clear();
+        Ok(())
+    }
 }
 
 /// A generation being built is abandoned after a crash, so its commits need
@@ -1636,6 +1779,8 @@ impl ReadStore for PgReadStore {
     }
 
     async fn apply(&self, batch: ApplyBatch) -> Result<(), ReadStoreError> {
+        // Its upserts need the primary keys of a generation being built.
+        self.build_deferred_indexes().await?;
         let generation = self.generation();
         let s = schema_name(&generation)?;
         let mut client = self.client().await?;
@@ -1997,50 +2142,19 @@ impl ReadStore for PgReadStore {
             .map_err(pg("creating a generation"))?;
         lock_migrations(&tx).await?;
         let generation = register_generation(&tx).await?;
-        let deferred = defer_secondary_indexes(&tx, &schema_name(&generation)?).await?;
+        let deferred = defer_indexes(&tx, &schema_name(&generation)?).await?;
         tx.commit().await.map_err(pg("creating a generation"))?;
         Ok(Box::new(PgReadStore {
             pool: self.pool.clone(),
             generation: Arc::new(Mutex::new(generation)),
             follows_current: false,
-            deferred_indexes: Arc::new(Mutex::new(deferred)),
+            deferred_indexes: Arc::new(tokio::sync::Mutex::new(deferred)),
         }))
     }
 
     async fn seal(&self) -> Result<(), ReadStoreError> {
         let s = schema_name(&self.generation())?;
-        let deferred = std::mem::take(
-            &mut *self
-                .deferred_indexes
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        // Two connections, so that two backends (two cores) sort at once.
-        let mut halves = [Vec::new(), Vec::new()];
-        for (i, sql) in deferred.into_iter().enumerate() {
-            halves[i % 2].push(sql);
-        }
-        let build = |ddl: Vec<String>| async move {
-            if ddl.is_empty() {
-                return Ok(());
-            }
-            let mut client = self.client().await?;
-            let tx = client
-                .transaction()
-                .await
-                .map_err(pg("building the read indexes"))?;
-            tx.batch_execute("SET LOCAL maintenance_work_mem = '256MB'")
-                .await
-                .map_err(pg("building the read indexes"))?;
-            for sql in ddl {
-                tx.batch_execute(&sql)
-                    .await
-                    .map_err(pg("building the read indexes"))?;
-            }
-            tx.commit().await.map_err(pg("building the read indexes"))
-        };
-        let [a, b] = halves;
-        futures::try_join!(build(a), build(b))?;
+        self.build_deferred_indexes().await?;
         // Statistics for the planner (autovacuum would get there later), and
         // a synchronous commit: it flushes the WAL of every relaxed commit
         // of the build before it.

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chrono::{NaiveDate, TimeDelta, Utc};
 use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
 use tracker_projections::model::{Completion, CourseRef};
 use tracker_projections::postgres::PgReadStore;
 use tracker_projections::readstore::{ApplyBatch, DeadLetter, LeaseHolder, Snapshot};
@@ -1277,8 +1278,9 @@ async fn a_rebuild_equals_incremental_application_on_postgres_and_sqlite() {
     );
 }
 
-/// A rebuilt generation is loaded without its read-side indexes and must
-/// come out with exactly the indexes and constraints of a normal one.
+/// A rebuilt generation is loaded without its indexes (primary keys
+/// included) and must come out with exactly the indexes, constraints and
+/// NOT NULL columns of a normal one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuilt_generation_has_every_index_back() {
     let db = TestDb::create().await;
@@ -1292,17 +1294,37 @@ async fn a_rebuilt_generation_has_every_index_back() {
         let client = &client;
         async move {
             let schema = format!("tracker_rm_{generation}");
-            client
-                .query(
-                    "SELECT tablename::text || ' ' || indexname::text || ' ' || replace(indexdef, $1, 's')
+            let prefix = format!("{schema}.");
+            let queries: [(&str, &[&(dyn ToSql + Sync)]); 3] = [
+                (
+                    "SELECT 'index ' || tablename::text || ' ' || indexname::text || ' '
+                            || replace(indexdef, $1, 's')
                      FROM pg_indexes WHERE schemaname = $2 ORDER BY 1",
-                    &[&format!("{schema}."), &schema],
-                )
-                .await
-                .expect("indexes")
-                .iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect::<Vec<String>>()
+                    &[&prefix, &schema],
+                ),
+                (
+                    "SELECT 'constraint ' || t.relname::text || ' ' || c.conname::text || ' '
+                            || c.contype::text || ' ' || replace(pg_get_constraintdef(c.oid), $1, 's')
+                     FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
+                     JOIN pg_namespace n ON n.oid = t.relnamespace WHERE n.nspname = $2 ORDER BY 1",
+                    &[&prefix, &schema],
+                ),
+                (
+                    "SELECT 'column ' || t.relname::text || ' ' || a.attname::text || ' '
+                            || a.attnotnull::text
+                     FROM pg_attribute a JOIN pg_class t ON t.oid = a.attrelid
+                     JOIN pg_namespace n ON n.oid = t.relnamespace
+                     WHERE n.nspname = $1 AND t.relkind = 'r' AND a.attnum > 0 AND NOT a.attisdropped
+                     ORDER BY 1",
+                    &[&schema],
+                ),
+            ];
+            let mut described = Vec::new();
+            for (sql, params) in queries {
+                let rows = client.query(sql, params).await.expect("catalog");
+                described.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+            }
+            described
         }
     };
     let fresh = describe("g1".to_owned()).await;
@@ -1315,9 +1337,42 @@ async fn a_rebuilt_generation_has_every_index_back() {
         fresh.iter().any(|i| i.contains("lrn_completions_pkey")),
         "{fresh:?}"
     );
+    assert!(
+        fresh.iter().any(|i| i.starts_with(
+            "constraint inst_m_course_learners inst_m_course_learners_pkey p PRIMARY KEY"
+        )),
+        "{fresh:?}"
+    );
     // Event ids are unique in the log; the read model does not index them.
-    assert!(!fresh.iter().any(|i| i.contains("event_id")), "{fresh:?}");
+    assert!(
+        !fresh
+            .iter()
+            .any(|i| !i.starts_with("column ") && i.contains("event_id")),
+        "{fresh:?}"
+    );
     assert_eq!(built, fresh);
+}
+
+/// A generation is loaded without its primary keys; a key loaded twice
+/// must still keep it from being sealed (its unique index is built then).
+#[tokio::test]
+async fn a_key_loaded_twice_is_refused_by_the_build() {
+    let db = TestDb::create().await;
+    let pg = PgReadStore::connect(&db.url).await.expect("connect");
+    let target = pg.create_generation().await.expect("create");
+    let mut rows = generate(3, 1);
+    rows.push(rows[0].clone());
+    let built = match target.load_completions(rows).await {
+        Ok(()) => target.seal().await,
+        Err(e) => Err(e),
+    };
+    let err = built.expect_err("a generation with a position loaded twice");
+    // The server's reason, not just "db error".
+    assert!(
+        err.to_string()
+            .contains("building the read indexes: ERROR: could not create unique index"),
+        "{err}"
+    );
 }
 
 /// Bulk loads skip the checkpoint, so only a generation being built takes
