@@ -635,10 +635,28 @@ fn open_building(
     Ok(conn)
 }
 
+/// The page cache (`PRAGMA cache_size`, negative: KiB) while `seal` builds
+/// the read indexes: SQLite's default.
+const SORT_CACHE_KIB: i64 = -2_048;
+
 /// Builds a file's read indexes, returns it to WAL and full durability,
 /// and flushes it.
 fn seal_file(conn: &Connection, path: &Path) -> Result<(), ReadStoreError> {
+    // SQLite's sorter keeps as many keys in memory as the page cache holds.
+    // With the build's 256 MiB cache it sorts a 1M-row index in one block,
+    // walking memory far larger than the CPU's caches; with a small cache it
+    // sorts runs that fit them and merges those (spilled to temporary
+    // files), on the second core too (`PRAGMA threads`). Measured with the
+    // `sqlite3` shell on a learners file of 1M completions, its 9 read
+    // indexes: 7.9-8.3 s with 256 MiB, 3.8-4.4 s with 1-2 MiB.
+    let build_cache: i64 = conn
+        .query_row("PRAGMA cache_size", [], |r| r.get(0))
+        .map_err(storage)?;
+    conn.pragma_update(None, "cache_size", SORT_CACHE_KIB)
+        .map_err(storage)?;
     restore_deferred_indexes(conn)?;
+    conn.pragma_update(None, "cache_size", build_cache)
+        .map_err(storage)?;
     conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
         .map_err(storage)?;
     conn.pragma_update(None, "synchronous", "FULL")
