@@ -1885,7 +1885,7 @@ impl ReadStore for PgReadStore {
         tx.commit().await.map_err(pg("committing a batch"))
     }
 
-    async fn load_completions(&self, rows: Vec<Completion>) -> Result<(), ReadStoreError> {
+    async fn load_completions(&self, rows: Arc<[Completion]>) -> Result<(), ReadStoreError> {
         let s = self.building()?;
         let mut client = self.client().await?;
         let tx = client

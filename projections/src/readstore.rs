@@ -14,6 +14,7 @@
 //! of that same transaction: a projector that lost its lease cannot write.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -226,7 +227,9 @@ pub trait ReadStore: Send + Sync + fmt::Debug {
     /// only: appends completion rows (learners projection), in position
     /// order, to a generation nothing was applied to. Not a checkpointed
     /// write: the generation is only usable after [`Self::load_final`].
-    async fn load_completions(&self, rows: Vec<Completion>) -> Result<(), ReadStoreError>;
+    /// Shared, not owned: the rebuild folds the same rows while they are
+    /// written.
+    async fn load_completions(&self, rows: Arc<[Completion]>) -> Result<(), ReadStoreError>;
 
     /// Bulk load of a rebuild, on a handle from [`Self::create_generation`]
     /// only: writes one projection's rows, membership keys, dead letters

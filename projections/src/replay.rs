@@ -45,7 +45,8 @@ pub enum ReplayError {
 
 /// One decoded slice of the log.
 struct Slice {
-    completions: Vec<Completion>,
+    /// Shared by the folds and the writing of the completion rows.
+    completions: Arc<[Completion]>,
     /// (position, event id, event type, error) of events that did not decode.
     undecodable: Vec<(Position, uuid::Uuid, String, String)>,
     through: Position,
@@ -188,7 +189,7 @@ async fn fold_projection(
         );
         // The rows of this slice are written while it is folded.
         let rows = (fold.writes_rows() && !slice.completions.is_empty())
-            .then(|| slice.completions.clone());
+            .then(|| Arc::clone(&slice.completions));
         let folding = tokio::task::spawn_blocking(move || {
             fold.add(&slice.completions);
             fold
@@ -255,7 +256,7 @@ async fn read_slices(events: Arc<dyn EventStore>, tx: mpsc::Sender<Result<Slice,
             }
         }
         let slice = Slice {
-            completions,
+            completions: Arc::from(completions),
             undecodable,
             through,
         };

@@ -1578,7 +1578,7 @@ impl ReadStore for SqliteReadStore {
         .await
     }
 
-    async fn load_completions(&self, rows: Vec<Completion>) -> Result<(), ReadStoreError> {
+    async fn load_completions(&self, rows: Arc<[Completion]>) -> Result<(), ReadStoreError> {
         self.building()?;
         self.with_conn(ProjectionKind::Learners, move |conn, _| {
             let tx = conn.transaction().map_err(storage)?;

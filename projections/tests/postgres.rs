@@ -1362,7 +1362,7 @@ async fn a_key_loaded_twice_is_refused_by_the_build() {
     let target = pg.create_generation().await.expect("create");
     let mut rows = generate(3, 1);
     rows.push(rows[0].clone());
-    let built = match target.load_completions(rows).await {
+    let built = match target.load_completions(Arc::from(rows)).await {
         Ok(()) => target.seal().await,
         Err(e) => Err(e),
     };
@@ -1381,7 +1381,7 @@ async fn a_key_loaded_twice_is_refused_by_the_build() {
 async fn bulk_loads_are_refused_outside_a_build() {
     let db = TestDb::create().await;
     let pg = PgReadStore::connect(&db.url).await.expect("connect");
-    let err = pg.load_completions(generate(3, 1)).await;
+    let err = pg.load_completions(Arc::from(generate(3, 1))).await;
     assert!(matches!(err, Err(ReadStoreError::Storage(_))), "{err:?}");
     assert!(is_empty(&pg.snapshot().await.expect("snapshot")));
 }

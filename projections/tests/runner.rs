@@ -72,7 +72,7 @@ impl ReadStore for Recording {
     async fn switch_to(&self, generation: &str) -> Result<(), ReadStoreError> {
         self.inner.switch_to(generation).await
     }
-    async fn load_completions(&self, rows: Vec<Completion>) -> Result<(), ReadStoreError> {
+    async fn load_completions(&self, rows: Arc<[Completion]>) -> Result<(), ReadStoreError> {
         self.inner.load_completions(rows).await
     }
     async fn load_final(&self, load: FinalLoad) -> Result<(), ReadStoreError> {

@@ -1287,7 +1287,7 @@ async fn a_rebuild_writes_every_membership_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_loads_are_refused_outside_a_build() {
     let env = env();
-    let err = env.read.load_completions(Vec::new()).await;
+    let err = env.read.load_completions(Arc::from(Vec::new())).await;
     assert!(matches!(err, Err(ReadStoreError::Storage(_))), "{err:?}");
 }
 
