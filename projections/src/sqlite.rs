@@ -1197,28 +1197,26 @@ fn write_plan(tx: &Transaction<'_>, p: &Plan) -> Result<(), ReadStoreError> {
 }
 
 fn write_completions(tx: &Transaction<'_>, rows: &[Completion]) -> Result<(), ReadStoreError> {
-    let mut stmt = tx
-        .prepare_cached(
-            "INSERT INTO lrn_completions VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )
-        .map_err(storage)?;
-    for c in rows {
-        stmt.execute(params![
-            sql_position(c.position)?,
-            &*c.event_id
-                .hyphenated()
-                .encode_lower(&mut uuid::Uuid::encode_buffer()),
-            sql_id(c.institution_id),
-            sql_id(c.user_id),
-            sql_id(c.trail_id),
-            c.trail_name,
-            c.finished_at_raw,
-            sql_time(c.finished_at),
-            c.day,
-            courses_json(c),
+    // In position order, so many rows to a statement (see `insert_sorted`).
+    insert_sorted(tx, "lrn_completions", rows, |c| {
+        let event_id = c
+            .event_id
+            .hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer())
+            .to_owned();
+        Ok([
+            ToSqlOutput::from(sql_position(c.position)?),
+            ToSqlOutput::from(event_id),
+            ToSqlOutput::from(sql_id(c.institution_id)),
+            ToSqlOutput::from(sql_id(c.user_id)),
+            ToSqlOutput::from(sql_id(c.trail_id)),
+            ToSqlOutput::from(c.trail_name.as_str()),
+            ToSqlOutput::from(c.finished_at_raw.as_str()),
+            ToSqlOutput::from(sql_time(c.finished_at)),
+            ToSqlOutput::from(c.day.as_str()),
+            ToSqlOutput::from(courses_json(c)),
         ])
-        .map_err(storage)?;
-    }
+    })?;
     // (institution, day) -> (first, last) of this batch.
     let mut days: Vec<((u64, i64), (Position, Position))> = rows
         .iter()
@@ -1259,12 +1257,13 @@ fn write_completions(tx: &Transaction<'_>, rows: &[Completion]) -> Result<(), Re
 
 /// Plain inserts (a key already there is an error, not skipped), in the
 /// order given: the tables' key order, so every insert appends.
-/// Rows per `INSERT` of a rebuild's membership keys. A statement of many
-/// rows keeps SQLite's cursor where the last row went, and the keys come in
-/// key order, so each row lands beside the one before; a statement per row
-/// descends the B-tree from its root every time. 4M sorted triples into a
-/// `WITHOUT ROWID` table (a Rust example with this crate's SQLite): 1.57 s
-/// one row per statement, 0.73 s a hundred.
+/// Rows per `INSERT` of rows that come in key order (a rebuild's membership
+/// keys, completion rows in position order). A statement of many rows
+/// keeps SQLite's cursor where the last row went, so each row lands beside
+/// the one before; a statement per row descends the B-tree from its root
+/// every time. 4M sorted triples into a `WITHOUT ROWID` table (a Rust
+/// example with this crate's SQLite): 1.57 s one row per statement, 0.73 s
+/// a hundred.
 const LOAD_ROWS: usize = 100;
 
 /// Inserts `rows` (in key order) into `table`, `LOAD_ROWS` per statement.
@@ -1283,9 +1282,11 @@ fn insert_sorted<'a, T, const N: usize>(
         .map_err(storage)
     };
     let mut chunks = rows.chunks_exact(LOAD_ROWS);
-    let mut full = insert(LOAD_ROWS)?;
-    for chunk in &mut chunks {
-        bind_rows(&mut full, chunk, &values)?;
+    if chunks.len() > 0 {
+        let mut full = insert(LOAD_ROWS)?;
+        for chunk in &mut chunks {
+            bind_rows(&mut full, chunk, &values)?;
+        }
     }
     let rest = chunks.remainder();
     if !rest.is_empty() {

@@ -1251,9 +1251,10 @@ async fn membership(read: &SqliteReadStore) -> BTreeMap<String, Vec<String>> {
     tables
 }
 
-/// A rebuild writes its membership keys many rows to a statement; with
-/// more keys than several statements hold (and a remainder), the rebuilt
-/// tables hold exactly the keys the live projector wrote.
+/// Completion rows and a rebuild's membership keys go many rows to a
+/// statement; with more rows than several statements hold (and a
+/// remainder), every row is written, and the rebuilt tables hold exactly
+/// the rows the live projector wrote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_writes_every_membership_key() {
     let env = env();
@@ -1274,12 +1275,24 @@ async fn a_rebuild_writes_every_membership_key() {
     let live = membership(&env.read).await;
     assert_eq!(live["inst_m_learners"].len(), 130);
     assert_eq!(live["inst_m_course_learners"].len(), 260);
+    let live_rows = env.read.snapshot().await.unwrap();
+    let completions = |s: &Snapshot| -> Vec<String> {
+        let (_, rows) = s
+            .tables
+            .iter()
+            .find(|(t, _)| t == "lrn_completions")
+            .unwrap();
+        rows.iter().map(|r| r[0].clone()).collect()
+    };
+    let positions: Vec<String> = (1..=last).map(|p| p.to_string()).collect();
+    assert_eq!(completions(&live_rows), positions);
 
     tracker_projections::replay::replay(Arc::clone(&env.events), &env.read, |_| {})
         .await
         .unwrap();
     assert!(env.read.follow_current().await.unwrap());
     assert_eq!(membership(&env.read).await, live);
+    assert!(env.read.snapshot().await.unwrap() == live_rows);
 }
 
 /// Bulk loads skip the checkpoint, so only a generation being built takes
