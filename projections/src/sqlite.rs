@@ -1255,8 +1255,6 @@ fn write_completions(tx: &Transaction<'_>, rows: &[Completion]) -> Result<(), Re
     Ok(())
 }
 
-/// Plain inserts (a key already there is an error, not skipped), in the
-/// order given: the tables' key order, so every insert appends.
 /// Rows per `INSERT` of rows that come in key order (a rebuild's membership
 /// keys, completion rows in position order). A statement of many rows
 /// keeps SQLite's cursor where the last row went, so each row lands beside
@@ -1311,6 +1309,8 @@ fn bind_rows<'a, T, const N: usize>(
     Ok(())
 }
 
+/// Plain inserts (a key already there is an error, not skipped), in the
+/// order given: the tables' key order, so every insert appends.
 fn load_membership(
     tx: &Transaction<'_>,
     kind: ProjectionKind,
