@@ -1272,23 +1272,26 @@ fn insert_sorted<'a, T, const N: usize>(
     values: impl Fn(&'a T) -> Result<[ToSqlOutput<'a>; N], ReadStoreError>,
 ) -> Result<(), ReadStoreError> {
     let row = format!("({})", ["?"; N].join(", "));
-    let insert = |count: usize| {
-        tx.prepare(&format!(
+    let sql = |count: usize| {
+        format!(
             "INSERT INTO {table} VALUES {}",
             vec![row.as_str(); count].join(", ")
-        ))
-        .map_err(storage)
+        )
     };
     let mut chunks = rows.chunks_exact(LOAD_ROWS);
     if chunks.len() > 0 {
-        let mut full = insert(LOAD_ROWS)?;
+        // Cached: live batches of completions use it batch after batch.
+        // The remainder's statement is not (up to 99 sizes per table would
+        // push the live path's statements out of the cache).
+        let mut full = tx.prepare_cached(&sql(LOAD_ROWS)).map_err(storage)?;
         for chunk in &mut chunks {
             bind_rows(&mut full, chunk, &values)?;
         }
     }
     let rest = chunks.remainder();
     if !rest.is_empty() {
-        bind_rows(&mut insert(rest.len())?, rest, &values)?;
+        let mut stmt = tx.prepare(&sql(rest.len())).map_err(storage)?;
+        bind_rows(&mut stmt, rest, &values)?;
     }
     Ok(())
 }
