@@ -1015,3 +1015,90 @@ fn stores_opened_together_on_a_new_file_all_open() {
         }
     }
 }
+
+/// A row damaged outside the tracker (the immutability trigger dropped,
+/// then a schema version past `u32` written, which the table's checks
+/// allow) is reported with its position by every read
+/// that reaches it: never skipped, never a panic, nothing after it handed
+/// out as if it were whole.
+#[tokio::test]
+async fn a_damaged_row_is_reported_with_its_position_by_every_read() {
+    let (dir, store) = temp_store();
+    store
+        .append(
+            "learner-1-7",
+            ExpectedRevision::Any,
+            vec![simple(1), simple(2), simple(3)],
+        )
+        .await
+        .unwrap();
+    let conn = Connection::open(dir.path().join("events.sqlite")).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch(
+        "DROP TRIGGER events_no_update; \
+         UPDATE events SET schema_version = 4294967296 WHERE position = 2;",
+    )
+    .unwrap();
+
+    fn at_2(result: Result<usize, StoreError>) {
+        match result {
+            Err(StoreError::Corrupt {
+                position: 2,
+                reason,
+            }) => {
+                assert!(reason.contains("4294967296 out of range"), "{reason}")
+            }
+            other => panic!("expected position 2 reported corrupt, got {other:?}"),
+        }
+    }
+    let whole = ReadAll { from: 0, limit: 10 };
+    at_2(store.read_all(whole).await.map(|e| e.len()));
+    at_2(
+        store
+            .read_all_raw(whole, RawEvents::default())
+            .await
+            .map(|e| e.len()),
+    );
+    at_2(
+        store
+            .read_stream("learner-1-7", 0, 10)
+            .await
+            .map(|e| e.len()),
+    );
+    at_2(
+        store
+            .read_streams(&institution(1), whole)
+            .await
+            .map(|e| e.len()),
+    );
+    at_2(
+        store
+            .read_streams_raw(&institution(1), whole, RawEvents::default())
+            .await
+            .map(|e| e.len()),
+    );
+    // Before it, the log reads as it was.
+    let first = store.read_all(ReadAll { from: 0, limit: 1 }).await.unwrap();
+    assert_eq!(first[0].data, "{\"n\":1}");
+
+    // The subscription hands over what it read before the damage, then the
+    // error, then ends: event 3 is never yielded past the hole.
+    let mut items = Vec::new();
+    let mut subscription = store.subscribe_all(0);
+    while let Ok(Some(item)) =
+        tokio::time::timeout(Duration::from_secs(5), subscription.next()).await
+    {
+        items.push(item.map(|e| e.position));
+    }
+    assert!(
+        matches!(
+            items.last(),
+            Some(Err(StoreError::Corrupt { position: 2, .. }))
+        ),
+        "{items:?}"
+    );
+    assert!(
+        items[..items.len() - 1].iter().all(|i| matches!(i, Ok(1))),
+        "{items:?}"
+    );
+}
