@@ -426,21 +426,17 @@ impl PgReadStore {
 
     async fn try_drop_obsolete_schemas(&self) -> Result<(), ReadStoreError> {
         let mut client = self.client().await?;
-        let names: Vec<String> = client
-            .query(
-                "SELECT n.nspname::text FROM pg_namespace n
-                 WHERE starts_with(n.nspname::text, $1)
-                   AND NOT EXISTS (SELECT 1 FROM tracker_control.generations g
-                                   WHERE $1 || g.name = n.nspname::text)
-                 ORDER BY n.nspname",
-                &[&SCHEMA_PREFIX],
-            )
-            .await
-            .map_err(pg("listing obsolete generations"))?
-            .iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()
-            .map_err(pg("listing obsolete generations"))?;
+        let names: Vec<String> = first_column(
+            &client,
+            "SELECT n.nspname::text FROM pg_namespace n
+             WHERE starts_with(n.nspname::text, $1)
+               AND NOT EXISTS (SELECT 1 FROM tracker_control.generations g
+                               WHERE $1 || g.name = n.nspname::text)
+             ORDER BY n.nspname",
+            &[&SCHEMA_PREFIX],
+            "listing obsolete generations",
+        )
+        .await?;
         for name in names {
             let tx = client
                 .transaction()
@@ -615,19 +611,15 @@ impl PgReadStore {
             .await
             .map_err(pg("restoring the primary keys"))?;
         relax_durability(&tx).await?;
-        let keys: HashSet<String> = tx
-            .query(
-                "SELECT t.relname::text FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
-                 JOIN pg_namespace n ON n.oid = t.relnamespace
-                 WHERE n.nspname = $1 AND c.contype = 'p'",
-                &[&s],
-            )
-            .await
-            .map_err(pg("restoring the primary keys"))?
-            .iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()
-            .map_err(pg("restoring the primary keys"))?;
+        let keys: HashSet<String> = first_column(
+            &tx,
+            "SELECT t.relname::text FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+             WHERE n.nspname = $1 AND c.contype = 'p'",
+            &[&s],
+            "restoring the primary keys",
+        )
+        .await?;
         for index in deferred.iter().filter(|d| !keys.contains(&d.table)) {
             if let Some(constraint) = &index.constraint {
                 tx.batch_execute(constraint)
@@ -696,6 +688,28 @@ async fn migrate(
         .map_err(pg("recording a migration"))?;
     }
     Ok(())
+}
+
+/// The first column of each row `sql` returns (catalog and control-table
+/// lists), with `context` in the error.
+async fn first_column<T, C>(
+    client: &impl deadpool_postgres::GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    context: &'static str,
+) -> Result<C, ReadStoreError>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+    C: FromIterator<T>,
+{
+    client
+        .query(sql, params)
+        .await
+        .map_err(pg(context))?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<C, _>>()
+        .map_err(pg(context))
 }
 
 async fn current_generation(
@@ -2216,17 +2230,13 @@ impl ReadStore for PgReadStore {
         // Keep the generation just replaced (for a look back or a switch
         // back); drop the ones before it.
         let keep_from = previous.unwrap_or(number).min(number);
-        let obsolete: Vec<String> = tx
-            .query(
-                "DELETE FROM tracker_control.generations WHERE number < $1 RETURNING name",
-                &[&keep_from],
-            )
-            .await
-            .map_err(pg("switching generations"))?
-            .iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()
-            .map_err(pg("switching generations"))?;
+        let obsolete: Vec<String> = first_column(
+            &tx,
+            "DELETE FROM tracker_control.generations WHERE number < $1 RETURNING name",
+            &[&keep_from],
+            "switching generations",
+        )
+        .await?;
         tx.execute(
             "DELETE FROM tracker_control.schema_migrations WHERE scope = ANY($1)",
             &[&obsolete],
