@@ -738,7 +738,9 @@ async fn read_all_raw(
 }
 
 /// Hands each event of `read` (positions from `read.from`, at most
-/// `read.limit`) to `row`, in position order.
+/// `read.limit`) to `row`, in position order. Positions are gap-free, so a
+/// missing one means a damaged file: it is reported, not read past, since an
+/// export or a replay that skipped it would look complete.
 fn each_in_log(
     conn: &Connection,
     read: ReadAll,
@@ -753,8 +755,17 @@ fn each_in_log(
         "WHERE position >= ?1 ORDER BY position LIMIT ?2"
     ))?;
     let mut rows = stmt.query(params![from, limit])?;
+    let mut next = read.from.max(1);
     while let Some(r) = rows.next()? {
+        let position: i64 = r.get(0)?;
+        if u64::try_from(position) != Ok(next) {
+            return Err(StoreError::Corrupt {
+                position: u64::try_from(position).unwrap_or(0),
+                reason: format!("expected position {next} next in the log"),
+            });
+        }
         row(r)?;
+        next += 1;
     }
     Ok(())
 }
@@ -766,15 +777,7 @@ fn push_raw(buf: &mut RawEvents, row: &Row<'_>) -> Result<(), StoreError> {
         reason: format!("negative position {raw_position}"),
     })?;
     let corrupt = |reason: String| StoreError::Corrupt { position, reason };
-    let text = |index: usize| -> Result<&[u8], StoreError> {
-        match row.get_ref(index)? {
-            ValueRef::Text(bytes) => Ok(bytes),
-            other => Err(corrupt(format!(
-                "column {index} holds {:?}, not text",
-                other.data_type()
-            ))),
-        }
-    };
+    let text = |index: usize| text_column(row, index, position);
     let id = row
         .get_ref(1)?
         .as_blob()
@@ -800,6 +803,31 @@ fn push_raw(buf: &mut RawEvents, row: &Row<'_>) -> Result<(), StoreError> {
         content_hash: text(10)?,
     });
     Ok(())
+}
+
+/// A text column's bytes; anything else in it is a damaged row.
+fn text_column<'r>(
+    row: &'r Row<'_>,
+    index: usize,
+    position: Position,
+) -> Result<&'r [u8], StoreError> {
+    match row.get_ref(index)? {
+        ValueRef::Text(bytes) => Ok(bytes),
+        other => Err(StoreError::Corrupt {
+            position,
+            reason: format!("column {index} holds {:?}, not text", other.data_type()),
+        }),
+    }
+}
+
+/// A text column as an owned string; bytes that are not UTF-8, or a value
+/// that is not text, are a damaged row.
+fn string_column(row: &Row<'_>, index: usize, position: Position) -> Result<String, StoreError> {
+    let bytes = text_column(row, index, position)?;
+    String::from_utf8(bytes.to_vec()).map_err(|err| StoreError::Corrupt {
+        position,
+        reason: format!("column {index} is not UTF-8: {err}"),
+    })
 }
 
 fn read_head(conn: &Connection) -> Result<Position, StoreError> {
@@ -834,24 +862,25 @@ fn decode_event(row: &Row<'_>) -> Result<RecordedEvent, StoreError> {
         .and_then(|bytes| {
             Uuid::from_slice(bytes).map_err(|err| corrupt(format!("bad event id: {err}")))
         })?;
+    let text = |index: usize| string_column(row, index, position);
     let revision: i64 = row.get(3)?;
     let schema_version: i64 = row.get(5)?;
-    let received_at: String = row.get(7)?;
+    let received_at = text(7)?;
     Ok(RecordedEvent {
         id,
-        stream: row.get(2)?,
+        stream: text(2)?,
         revision: u64::try_from(revision)
             .map_err(|_| corrupt(format!("negative revision {revision}")))?,
         position,
-        event_type: row.get(4)?,
+        event_type: text(4)?,
         schema_version: u32::try_from(schema_version)
             .map_err(|_| corrupt(format!("schema version {schema_version} out of range")))?,
-        data: row.get(6)?,
+        data: text(6)?,
         metadata: EventMetadata {
             received_at: sql::parse_time(&received_at).map_err(corrupt)?,
-            source_id: row.get(8)?,
-            request_id: row.get(9)?,
-            content_hash: row.get(10)?,
+            source_id: text(8)?,
+            request_id: text(9)?,
+            content_hash: text(10)?,
         },
     })
 }

@@ -1032,51 +1032,15 @@ async fn a_damaged_row_is_reported_with_its_position_by_every_read() {
         )
         .await
         .unwrap();
-    let conn = Connection::open(dir.path().join("events.sqlite")).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.execute_batch(
+    damage(
+        &dir,
         "DROP TRIGGER events_no_update; \
          UPDATE events SET schema_version = 4294967296 WHERE position = 2;",
-    )
-    .unwrap();
+    );
 
-    fn at_2(result: Result<usize, StoreError>) {
-        match result {
-            Err(StoreError::Corrupt {
-                position: 2,
-                reason,
-            }) => {
-                assert!(reason.contains("4294967296 out of range"), "{reason}")
-            }
-            other => panic!("expected position 2 reported corrupt, got {other:?}"),
-        }
+    for read in every_read_of_learner_1_7(&store).await {
+        assert_corrupt(read, 2, "4294967296 out of range");
     }
-    let whole = ReadAll { from: 0, limit: 10 };
-    at_2(store.read_all(whole).await.map(|e| e.len()));
-    at_2(
-        store
-            .read_all_raw(whole, RawEvents::default())
-            .await
-            .map(|e| e.len()),
-    );
-    at_2(
-        store
-            .read_stream("learner-1-7", 0, 10)
-            .await
-            .map(|e| e.len()),
-    );
-    at_2(
-        store
-            .read_streams(&institution(1), whole)
-            .await
-            .map(|e| e.len()),
-    );
-    at_2(
-        store
-            .read_streams_raw(&institution(1), whole, RawEvents::default())
-            .await
-            .map(|e| e.len()),
-    );
     // Before it, the log reads as it was.
     let first = store.read_all(ReadAll { from: 0, limit: 1 }).await.unwrap();
     assert_eq!(first[0].data, "{\"n\":1}");
@@ -1101,4 +1065,132 @@ async fn a_damaged_row_is_reported_with_its_position_by_every_read() {
         items[..items.len() - 1].iter().all(|i| matches!(i, Ok(1))),
         "{items:?}"
     );
+}
+
+/// A position missing from the log (a row deleted by hand, the triggers
+/// dropped) is reported by the reads of the whole log, which an export or a
+/// replay would otherwise pass over as if nothing were missing.
+#[tokio::test]
+async fn a_missing_position_is_reported_by_the_reads_of_the_log() {
+    let (dir, store) = temp_store();
+    store
+        .append(
+            "learner-1-7",
+            ExpectedRevision::Any,
+            vec![simple(1), simple(2), simple(3), simple(4)],
+        )
+        .await
+        .unwrap();
+    damage(
+        &dir,
+        "DROP TRIGGER events_no_delete; \
+         DELETE FROM events WHERE position = 2;",
+    );
+
+    for from in [0, 1, 2] {
+        let read = ReadAll { from, limit: 10 };
+        let found_3_for_2 = "expected position 2 next";
+        assert_corrupt(store.read_all(read).await, 3, found_3_for_2);
+        let raw = store.read_all_raw(read, RawEvents::default()).await;
+        assert_corrupt(raw.map(|e| e.len()), 3, found_3_for_2);
+    }
+    // Reads that start past the hole, or stop before it, are whole.
+    let after = store
+        .read_all(ReadAll { from: 3, limit: 10 })
+        .await
+        .unwrap();
+    assert_eq!(
+        after.iter().map(|e| e.position).collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+    let before = store.read_all(ReadAll { from: 0, limit: 1 }).await.unwrap();
+    assert_eq!(before.len(), 1);
+}
+
+/// A text column holding a blob is a damaged row on the decoded reads too,
+/// as it is on the raw ones, not a storage failure.
+#[tokio::test]
+async fn a_blob_in_a_text_column_is_a_damaged_row_on_every_read() {
+    let (dir, store) = temp_store();
+    store
+        .append(
+            "learner-1-7",
+            ExpectedRevision::Any,
+            vec![simple(1), simple(2)],
+        )
+        .await
+        .unwrap();
+    damage(
+        &dir,
+        "DROP TRIGGER events_no_update; \
+         UPDATE events SET request_id = x'ff00' WHERE position = 2;",
+    );
+
+    for read in every_read_of_learner_1_7(&store).await {
+        assert_corrupt(read, 2, "column 9 holds Blob");
+    }
+}
+
+/// How many events each read of the whole of stream `learner-1-7` (the log,
+/// raw and decoded; the stream; its institution's set, raw and decoded)
+/// returned, or its error.
+async fn every_read_of_learner_1_7(store: &SqliteEventStore) -> Vec<Result<usize, StoreError>> {
+    let whole = ReadAll { from: 0, limit: 10 };
+    vec![
+        store.read_all(whole).await.map(|e| e.len()),
+        store
+            .read_all_raw(whole, RawEvents::default())
+            .await
+            .map(|e| e.len()),
+        store
+            .read_stream("learner-1-7", 0, 10)
+            .await
+            .map(|e| e.len()),
+        store
+            .read_streams(&institution(1), whole)
+            .await
+            .map(|e| e.len()),
+        store
+            .read_streams_raw(&institution(1), whole, RawEvents::default())
+            .await
+            .map(|e| e.len()),
+    ]
+}
+
+/// Text that is not UTF-8 is a damaged row on the decoded reads.
+#[tokio::test]
+async fn text_that_is_not_utf8_is_a_damaged_row() {
+    let (dir, store) = temp_store();
+    store
+        .append("learner-1-7", ExpectedRevision::Any, vec![simple(1)])
+        .await
+        .unwrap();
+    damage(
+        &dir,
+        "DROP TRIGGER events_no_update; \
+         UPDATE events SET source_id = CAST(x'ff' AS TEXT) WHERE position = 1;",
+    );
+    let read = store.read_all(ReadAll { from: 0, limit: 10 }).await;
+    assert_corrupt(read, 1, "column 8 is not UTF-8");
+}
+
+/// Changes the store's file behind its back, as a damaged disk or a hand
+/// edit would.
+fn damage(dir: &tempfile::TempDir, sql: &str) {
+    let conn = Connection::open(dir.path().join("events.sqlite")).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
+fn assert_corrupt<T: std::fmt::Debug>(
+    result: Result<T, StoreError>,
+    at: Position,
+    reason_has: &str,
+) {
+    match result {
+        Err(StoreError::Corrupt { position, reason }) if position == at => {
+            assert!(reason.contains(reason_has), "{reason}")
+        }
+        other => panic!("expected position {at} reported damaged, got {other:?}"),
+    }
 }
