@@ -439,3 +439,29 @@ async fn a_whole_log_export_streams_in_constant_memory() {
     assert!(after_drop < EVENTS / 2, "{after_drop}");
     app.stop().await;
 }
+
+/// A damaged log (here a position missing: a row deleted behind the
+/// store's back) is the server's failure, naming the position: a 500 to
+/// stop on, not a 503 to retry for ever. What lies before it still reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_log_is_a_server_error_naming_the_position() {
+    let app = varied_app().await;
+    let conn = rusqlite::Connection::open(app.dir.path().join("events.sqlite")).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch("DROP TRIGGER events_no_delete; DELETE FROM events WHERE position = 3;")
+        .unwrap();
+
+    let (status, _, body) = app.api_get("/v1/events", Some(OPERATOR_KEY), None).await;
+    assert_eq!(status, 500, "{body}");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"]["code"], "damaged_log", "{body}");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("position 4"), "{message}");
+
+    let (status, _, body) = app
+        .api_get("/v1/events?limit=2", Some(OPERATOR_KEY), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let page: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 2, "{body}");
+}

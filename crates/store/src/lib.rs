@@ -137,7 +137,8 @@ pub enum AppendError {
 }
 
 /// The store could not do what was asked (I/O, corruption, shut down).
-/// Callers answer it as "unavailable", never as the client's fault.
+/// Never the client's fault: callers answer it as "unavailable", or a
+/// damaged row (`Corrupt`, which retrying does not mend) as a server error.
 /// `Clone` so that one failed group commit can be reported to every caller
 /// in the group.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -76,6 +76,10 @@ pub enum EventErrors {
     /// `learner_not_found`: the log holds no event of this learner.
     #[response(status = 404)]
     NotFound(ErrorBody),
+    /// `damaged_log`: a recorded event cannot be read (the message names
+    /// its position); not for retrying.
+    #[response(status = 500)]
+    Damaged(ErrorBody),
     /// The event log cannot be read right now.
     #[response(status = 503, headers(("Retry-After" = u64, description = "Seconds.")))]
     Unavailable(ErrorBody),
@@ -98,6 +102,10 @@ pub enum LogErrors {
     /// the whole log is every institution's. Nothing is read.
     #[response(status = 403)]
     Forbidden(ErrorBody),
+    /// `damaged_log`: a recorded event cannot be read (the message names
+    /// its position); not for retrying.
+    #[response(status = 500)]
+    Damaged(ErrorBody),
     /// The event log cannot be read right now.
     #[response(status = 503, headers(("Retry-After" = u64, description = "Seconds.")))]
     Unavailable(ErrorBody),
@@ -280,10 +288,22 @@ async fn read_raw_chunk(
     }
 }
 
-fn store_unavailable(e: &StoreError) -> Failure {
+/// A read of the log that failed. A damaged row is permanent and the
+/// server's fault: a 500 naming its position, not a 503 that a client
+/// would retry for ever. Anything else (I/O, shutdown) may pass: 503.
+fn store_failure(e: &StoreError) -> Failure {
+    use actix_web::http::StatusCode;
+    if let StoreError::Corrupt { position, .. } = e {
+        tracing::error!(error = %e, "event log read failed: damaged row");
+        return Failure::from(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "damaged_log",
+            format!("the event log is damaged at position {position}; the server's log says how"),
+        ));
+    }
     tracing::warn!(error = %e, "event log read failed");
     Failure::from(ApiError::new(
-        actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::SERVICE_UNAVAILABLE,
         "unavailable",
         "the event log cannot be read right now; retry later",
     ))
@@ -487,7 +507,7 @@ pub async fn learner_events(
             .events
             .read_stream(stream, 0, 1)
             .await
-            .map_err(|e| store_unavailable(&e))?;
+            .map_err(|e| store_failure(&e))?;
         if first.is_empty() {
             return Err(Failure::not_found(
                 "learner_not_found",
@@ -553,7 +573,7 @@ async fn page(
         }
         let (events, _) = read_chunk(log, &request.source, after, want)
             .await
-            .map_err(|e| store_unavailable(&e))?;
+            .map_err(|e| store_failure(&e))?;
         let read = events.len();
         let mut past_end = false;
         let mut full = false;
@@ -601,7 +621,7 @@ type BodyItem = Result<Bytes, actix_web::Error>;
 /// the export began, a chunk of the log at a time. A task reads and
 /// encodes the next chunk while the previous one is being sent.
 async fn export(ctx: web::Data<ApiContext>, request: Request) -> Result<HttpResponse, Failure> {
-    let head = ctx.events.head().await.map_err(|e| store_unavailable(&e))?;
+    let head = ctx.events.head().await.map_err(|e| store_failure(&e))?;
     let mut filter = request.filter;
     filter.to_position = filter.to_position.min(head);
     let (tx, rx) = mpsc::channel(EXPORT_QUEUE);
