@@ -14,10 +14,8 @@
 //! event brought them, so the result does not depend on the order of events
 //! inside a batch.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
-use rustc_hash::FxHashSet;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::model::Completion;
 
@@ -285,18 +283,20 @@ pub struct LearnerTrailDelta {
     pub span: Span,
 }
 
-/// Everything one batch writes, keyed and ordered so that writes are
-/// deterministic (and lock rows in one order on PostgreSQL).
+/// Everything one batch writes, keyed. The maps are hashed, since a
+/// rebuild folds a whole log into one plan (a lookup per event and table);
+/// writers take each table's rows in key order ([`sorted`]), so that writes
+/// are deterministic and lock rows in one order on PostgreSQL.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Plan {
-    pub summaries: BTreeMap<u64, SummaryDelta>,
-    pub trails: BTreeMap<(u64, u64), TrailDelta>,
-    pub courses: BTreeMap<(u64, u64), CourseDelta>,
-    pub days: BTreeMap<(u64, String), DayDelta>,
+    pub summaries: FxHashMap<u64, SummaryDelta>,
+    pub trails: FxHashMap<(u64, u64), TrailDelta>,
+    pub courses: FxHashMap<(u64, u64), CourseDelta>,
+    pub days: FxHashMap<(u64, String), DayDelta>,
     /// New (institution, trail, course) links.
     pub trail_courses: Vec<(u64, u64, u64)>,
-    pub learners: BTreeMap<(u64, u64), LearnerDelta>,
-    pub learner_trails: BTreeMap<(u64, u64, u64), LearnerTrailDelta>,
+    pub learners: FxHashMap<(u64, u64), LearnerDelta>,
+    pub learner_trails: FxHashMap<(u64, u64, u64), LearnerTrailDelta>,
     /// Learners projection: one row per completion.
     pub completions: Vec<Completion>,
 }
@@ -308,10 +308,10 @@ impl Plan {
     /// rows are appended. The result is what [`plan`] gives for the two
     /// batches as one, provided `later`'s new keys were new after this plan's.
     pub fn merge(&mut self, later: Plan) {
-        use std::collections::btree_map::Entry;
-        fn each<K: Ord, V>(
-            into: &mut BTreeMap<K, V>,
-            from: BTreeMap<K, V>,
+        use std::collections::hash_map::Entry;
+        fn each<K: Eq + std::hash::Hash, V>(
+            into: &mut FxHashMap<K, V>,
+            from: FxHashMap<K, V>,
             add: impl Fn(&mut V, V),
         ) {
             for (k, v) in from {
@@ -361,6 +361,13 @@ impl Plan {
     }
 }
 
+/// A plan's rows of one table, in key order.
+pub(crate) fn sorted<K: Ord, V>(rows: &FxHashMap<K, V>) -> Vec<(&K, &V)> {
+    let mut rows: Vec<_> = rows.iter().collect();
+    rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    rows
+}
+
 /// What `batch` changes for `kind`, given which membership keys are new.
 /// `new` must be the subset of `membership_keys(kind, batch)` that was not
 /// recorded before this batch.
@@ -388,7 +395,7 @@ pub(crate) fn plan_into(
 }
 
 fn plan_institutions(batch: &[Completion], new: &MembershipKeys, p: &mut Plan) {
-    let mut days: BTreeMap<(u64, &str), DayDelta> = BTreeMap::new();
+    let mut days: FxHashMap<(u64, &str), DayDelta> = FxHashMap::default();
     for c in batch {
         let (i, t, at) = (c.institution_id, c.trail_id, c.finished_at);
         let s = p.summaries.entry(i).or_insert_with(|| SummaryDelta {
@@ -560,6 +567,46 @@ mod tests {
 
     fn all_new(kind: ProjectionKind, batch: &[Completion]) -> MembershipKeys {
         membership_keys(kind, batch)
+    }
+
+    /// Writers take a plan's rows in key order whatever order the batch
+    /// brought them in: deterministic writes, one lock order on PostgreSQL.
+    #[test]
+    fn rows_come_in_key_order() {
+        let batch: Vec<_> = (0..200u64)
+            .map(|n| {
+                completion(
+                    n + 1,
+                    20 - n % 7,
+                    1000 - n,
+                    5 + n % 3,
+                    "2024-01-01 10:00:00",
+                    &[7],
+                )
+            })
+            .collect();
+        let learners = plan(
+            ProjectionKind::Learners,
+            &batch,
+            &all_new(ProjectionKind::Learners, &batch),
+        );
+        let keys: Vec<_> = sorted(&learners.learner_trails)
+            .into_iter()
+            .map(|(k, _)| *k)
+            .collect();
+        assert_eq!(keys.len(), 200);
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
+        let institutions = plan(
+            ProjectionKind::Institutions,
+            &batch,
+            &all_new(ProjectionKind::Institutions, &batch),
+        );
+        let keys: Vec<_> = sorted(&institutions.trails)
+            .into_iter()
+            .map(|(k, _)| *k)
+            .collect();
+        assert_eq!(keys.len(), 21);
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
     }
 
     #[test]

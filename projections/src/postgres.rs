@@ -16,7 +16,7 @@
 //! that are sorted on use `COLLATE "C"`, SQLite's byte order, whatever the
 //! database's default collation.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -24,7 +24,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
-use rustc_hash::FxHashSet;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{IsolationLevel, NoTls, Row};
@@ -35,7 +35,7 @@ use crate::fold::Membership;
 use crate::model::Completion;
 use crate::plan::{
     CourseDelta, DayDelta, LearnerDelta, LearnerTrailDelta, MembershipKeys, Plan, ProjectionKind,
-    SummaryDelta, TrailDelta, membership_keys, plan,
+    SummaryDelta, TrailDelta, membership_keys, plan, sorted,
 };
 use crate::readstore::{
     ApplyBatch, CheckpointKey, DeadLetter, FinalLoad, LeaseHolder, ReadStore, ReadStoreError,
@@ -953,7 +953,7 @@ async fn insert_new_keys(
 async fn write_summaries(
     tx: &Transaction<'_>,
     s: &str,
-    rows: &BTreeMap<u64, SummaryDelta>,
+    rows: &FxHashMap<u64, SummaryDelta>,
 ) -> Result<(), ReadStoreError> {
     if rows.is_empty() {
         return Ok(());
@@ -967,7 +967,7 @@ async fn write_summaries(
     let mut first = Vec::with_capacity(n);
     let mut last = Vec::with_capacity(n);
     let mut position = Vec::with_capacity(n);
-    for (i, d) in rows {
+    for (i, d) in sorted(rows) {
         institution.push(sql_id(*i));
         completions.push(d.completions as i64);
         learners.push(d.new_learners as i64);
@@ -1013,7 +1013,7 @@ async fn write_summaries(
 async fn write_trails(
     tx: &Transaction<'_>,
     s: &str,
-    rows: &BTreeMap<(u64, u64), TrailDelta>,
+    rows: &FxHashMap<(u64, u64), TrailDelta>,
 ) -> Result<(), ReadStoreError> {
     if rows.is_empty() {
         return Ok(());
@@ -1027,7 +1027,7 @@ async fn write_trails(
     let mut learners = Vec::with_capacity(n);
     let mut first = Vec::with_capacity(n);
     let mut last = Vec::with_capacity(n);
-    for ((i, t), d) in rows {
+    for ((i, t), d) in sorted(rows) {
         institution.push(sql_id(*i));
         trail.push(sql_id(*t));
         name.push(d.name.value.as_str());
@@ -1072,7 +1072,7 @@ async fn write_trails(
 async fn write_courses(
     tx: &Transaction<'_>,
     s: &str,
-    rows: &BTreeMap<(u64, u64), CourseDelta>,
+    rows: &FxHashMap<(u64, u64), CourseDelta>,
 ) -> Result<(), ReadStoreError> {
     if rows.is_empty() {
         return Ok(());
@@ -1084,7 +1084,7 @@ async fn write_courses(
     let mut title_position = Vec::with_capacity(n);
     let mut completions = Vec::with_capacity(n);
     let mut learners = Vec::with_capacity(n);
-    for ((i, c), d) in rows {
+    for ((i, c), d) in sorted(rows) {
         institution.push(sql_id(*i));
         course.push(sql_id(*c));
         title.push(d.title.value.as_str());
@@ -1123,7 +1123,7 @@ async fn write_courses(
 async fn write_days(
     tx: &Transaction<'_>,
     s: &str,
-    rows: &BTreeMap<(u64, String), DayDelta>,
+    rows: &FxHashMap<(u64, String), DayDelta>,
 ) -> Result<(), ReadStoreError> {
     if rows.is_empty() {
         return Ok(());
@@ -1133,7 +1133,7 @@ async fn write_days(
     let mut day = Vec::with_capacity(n);
     let mut completions = Vec::with_capacity(n);
     let mut learners = Vec::with_capacity(n);
-    for ((i, d), delta) in rows {
+    for ((i, d), delta) in sorted(rows) {
         institution.push(sql_id(*i));
         day.push(d.as_str());
         completions.push(delta.completions as i64);
@@ -1156,7 +1156,7 @@ async fn write_days(
 async fn write_learners(
     tx: &Transaction<'_>,
     s: &str,
-    rows: &BTreeMap<(u64, u64), LearnerDelta>,
+    rows: &FxHashMap<(u64, u64), LearnerDelta>,
 ) -> Result<(), ReadStoreError> {
     if rows.is_empty() {
         return Ok(());
@@ -1171,7 +1171,7 @@ async fn write_learners(
     let mut completions = Vec::with_capacity(n);
     let mut first = Vec::with_capacity(n);
     let mut last = Vec::with_capacity(n);
-    for ((i, u), d) in rows {
+    for ((i, u), d) in sorted(rows) {
         institution.push(sql_id(*i));
         user.push(sql_id(*u));
         name.push(d.profile.value.0.as_str());
@@ -1219,7 +1219,7 @@ async fn write_learners(
 async fn write_learner_trails(
     tx: &Transaction<'_>,
     s: &str,
-    rows: &BTreeMap<(u64, u64, u64), LearnerTrailDelta>,
+    rows: &FxHashMap<(u64, u64, u64), LearnerTrailDelta>,
 ) -> Result<(), ReadStoreError> {
     if rows.is_empty() {
         return Ok(());
@@ -1231,7 +1231,7 @@ async fn write_learner_trails(
     let mut completions = Vec::with_capacity(n);
     let mut first = Vec::with_capacity(n);
     let mut last = Vec::with_capacity(n);
-    for ((i, u, t), d) in rows {
+    for ((i, u, t), d) in sorted(rows) {
         institution.push(sql_id(*i));
         user.push(sql_id(*u));
         trail.push(sql_id(*t));
@@ -1575,7 +1575,7 @@ async fn copy_plan(tx: &Transaction<'_>, s: &str, p: &Plan) -> Result<(), ReadSt
             "loading inst_summary",
         )
         .await?;
-        for (i, d) in &p.summaries {
+        for (i, d) in sorted(&p.summaries) {
             copy.row(&[
                 &sql_id(*i),
                 &(d.completions as i64),
@@ -1608,7 +1608,7 @@ async fn copy_plan(tx: &Transaction<'_>, s: &str, p: &Plan) -> Result<(), ReadSt
             "loading inst_trails",
         )
         .await?;
-        for ((i, t), d) in &p.trails {
+        for ((i, t), d) in sorted(&p.trails) {
             copy.row(&[
                 &sql_id(*i),
                 &sql_id(*t),
@@ -1639,7 +1639,7 @@ async fn copy_plan(tx: &Transaction<'_>, s: &str, p: &Plan) -> Result<(), ReadSt
             "loading inst_courses",
         )
         .await?;
-        for ((i, c), d) in &p.courses {
+        for ((i, c), d) in sorted(&p.courses) {
             copy.row(&[
                 &sql_id(*i),
                 &sql_id(*c),
@@ -1666,7 +1666,7 @@ async fn copy_plan(tx: &Transaction<'_>, s: &str, p: &Plan) -> Result<(), ReadSt
             "loading inst_daily",
         )
         .await?;
-        for ((i, day), d) in &p.days {
+        for ((i, day), d) in sorted(&p.days) {
             copy.row(&[
                 &sql_id(*i),
                 day,
@@ -1696,7 +1696,7 @@ async fn copy_plan(tx: &Transaction<'_>, s: &str, p: &Plan) -> Result<(), ReadSt
             "loading lrn_learners",
         )
         .await?;
-        for ((i, u), d) in &p.learners {
+        for ((i, u), d) in sorted(&p.learners) {
             copy.row(&[
                 &sql_id(*i),
                 &sql_id(*u),
@@ -1728,7 +1728,7 @@ async fn copy_plan(tx: &Transaction<'_>, s: &str, p: &Plan) -> Result<(), ReadSt
             "loading lrn_learner_trails",
         )
         .await?;
-        for ((i, u, t), d) in &p.learner_trails {
+        for ((i, u, t), d) in sorted(&p.learner_trails) {
             copy.row(&[
                 &sql_id(*i),
                 &sql_id(*u),

@@ -25,7 +25,7 @@ use tracker_store::Position;
 
 use crate::fold::Membership;
 use crate::model::Completion;
-use crate::plan::{MembershipKeys, Plan, ProjectionKind, membership_keys, plan};
+use crate::plan::{MembershipKeys, Plan, ProjectionKind, membership_keys, plan, sorted};
 use crate::readstore::{
     ApplyBatch, CheckpointKey, DeadLetter, FinalLoad, LeaseHolder, ReadStore, ReadStoreError,
     Snapshot,
@@ -1056,7 +1056,7 @@ fn write_plan(tx: &Transaction<'_>, p: &Plan) -> Result<(), ReadStoreError> {
                    last_position = MAX(last_position, excluded.last_position)",
             )
             .map_err(storage)?;
-        for (i, s) in &p.summaries {
+        for (i, s) in sorted(&p.summaries) {
             stmt.execute(params![
                 sql_id(*i),
                 s.completions as i64,
@@ -1083,7 +1083,7 @@ fn write_plan(tx: &Transaction<'_>, p: &Plan) -> Result<(), ReadStoreError> {
                    last_completed_at = MAX(last_completed_at, excluded.last_completed_at)",
             )
             .map_err(storage)?;
-        for ((i, t), d) in &p.trails {
+        for ((i, t), d) in sorted(&p.trails) {
             stmt.execute(params![
                 sql_id(*i),
                 sql_id(*t),
@@ -1108,7 +1108,7 @@ fn write_plan(tx: &Transaction<'_>, p: &Plan) -> Result<(), ReadStoreError> {
                    learners = learners + excluded.learners",
             )
             .map_err(storage)?;
-        for ((i, c), d) in &p.courses {
+        for ((i, c), d) in sorted(&p.courses) {
             stmt.execute(params![
                 sql_id(*i),
                 sql_id(*c),
@@ -1129,7 +1129,7 @@ fn write_plan(tx: &Transaction<'_>, p: &Plan) -> Result<(), ReadStoreError> {
                    learners = learners + excluded.learners",
             )
             .map_err(storage)?;
-        for ((i, day), d) in &p.days {
+        for ((i, day), d) in sorted(&p.days) {
             stmt.execute(params![
                 sql_id(*i),
                 day,
@@ -1153,7 +1153,7 @@ fn write_plan(tx: &Transaction<'_>, p: &Plan) -> Result<(), ReadStoreError> {
                    last_completed_at = MAX(last_completed_at, excluded.last_completed_at)",
             )
             .map_err(storage)?;
-        for ((i, u), d) in &p.learners {
+        for ((i, u), d) in sorted(&p.learners) {
             stmt.execute(params![
                 sql_id(*i),
                 sql_id(*u),
@@ -1178,7 +1178,7 @@ fn write_plan(tx: &Transaction<'_>, p: &Plan) -> Result<(), ReadStoreError> {
                    last_completed_at = MAX(last_completed_at, excluded.last_completed_at)",
             )
             .map_err(storage)?;
-        for ((i, u, t), d) in &p.learner_trails {
+        for ((i, u, t), d) in sorted(&p.learner_trails) {
             stmt.execute(params![
                 sql_id(*i),
                 sql_id(*u),
