@@ -42,16 +42,32 @@ impl Completion {
     pub const EVENT_TYPES: &'static [&'static str] = &[TrailCompleted::EVENT_TYPE];
 
     pub fn wants(event: &RecordedEvent) -> bool {
-        Self::EVENT_TYPES.contains(&event.event_type.as_str())
+        Self::wants_type(event.event_type.as_bytes())
+    }
+
+    /// [`Self::wants`] of an event type as stored.
+    pub fn wants_type(event_type: &[u8]) -> bool {
+        Self::EVENT_TYPES.iter().any(|t| t.as_bytes() == event_type)
     }
 
     pub fn decode(event: &RecordedEvent) -> Result<Self, DecodeError> {
-        let e = TrailCompleted::from_data(event.schema_version, &event.data)
+        Self::decode_data(event.position, event.id, event.schema_version, &event.data)
+    }
+
+    /// [`Self::decode`] of an event's parts (a rebuild reads the log in its
+    /// stored form, without the recorded event's other fields).
+    pub fn decode_data(
+        position: u64,
+        event_id: Uuid,
+        schema_version: u32,
+        data: &str,
+    ) -> Result<Self, DecodeError> {
+        let e = TrailCompleted::from_data(schema_version, data)
             .map_err(|err| DecodeError(err.to_string()))?;
         let raw = e.finished_at.raw().to_owned();
         Ok(Self {
-            position: event.position,
-            event_id: event.id,
+            position,
+            event_id,
             institution_id: e.institution_id.get(),
             user_id: e.user.id.get(),
             user_name: e.user.name,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::mpsc;
-use tracker_store::{EventStore, Position, ReadAll};
+use tracker_store::{EventStore, Position, RawEvents, ReadAll, StoreError};
 
 use crate::fold::Fold;
 use crate::model::Completion;
@@ -225,44 +225,65 @@ async fn fold_projection(
     Ok(through)
 }
 
-/// Reads the whole log (until a read finds nothing new) and decodes it.
+/// Reads the whole log (until a read finds nothing new) and decodes it. The
+/// log is read in its stored form: a rebuild needs only a completion's
+/// type, version and data, not a `String` of every other field.
 async fn read_slices(events: Arc<dyn EventStore>, tx: mpsc::Sender<Result<Slice, ReplayError>>) {
     let mut next = 1;
+    let mut raw = RawEvents::default();
     loop {
-        let events = match events
-            .read_all(ReadAll {
-                from: next,
-                limit: REPLAY_BATCH,
-            })
-            .await
-        {
-            Ok(events) => events,
+        let read = ReadAll {
+            from: next,
+            limit: REPLAY_BATCH,
+        };
+        raw = match events.read_all_raw(read, raw).await {
+            Ok(raw) => raw,
             Err(e) => {
                 let _ = tx.send(Err(e.into())).await;
                 return;
             }
         };
-        let Some(through) = events.last().map(|e| e.position) else {
+        let Some(through) = raw.last_position() else {
             return;
         };
-        let mut completions = Vec::with_capacity(events.len());
-        let mut undecodable = Vec::new();
-        for event in events.iter().filter(|e| Completion::wants(e)) {
-            match Completion::decode(event) {
-                Ok(c) => completions.push(c),
-                Err(e) => {
-                    undecodable.push((event.position, event.id, event.event_type.clone(), e.0))
+        match decode_slice(&raw, through) {
+            Ok(slice) => {
+                if tx.send(Ok(slice)).await.is_err() {
+                    return;
                 }
             }
-        }
-        let slice = Slice {
-            completions: Arc::from(completions),
-            undecodable,
-            through,
-        };
-        if tx.send(Ok(slice)).await.is_err() {
-            return;
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
         }
         next = through + 1;
     }
+}
+
+fn decode_slice(raw: &RawEvents, through: Position) -> Result<Slice, ReplayError> {
+    let mut completions = Vec::with_capacity(raw.len());
+    let mut undecodable = Vec::new();
+    for event in raw.iter().filter(|e| Completion::wants_type(e.event_type)) {
+        // Stored text that is not UTF-8 is a damaged log, as on the
+        // decoded reads; not an event to set aside.
+        let data = std::str::from_utf8(event.data).map_err(|e| StoreError::Corrupt {
+            position: event.position,
+            reason: format!("data is not UTF-8: {e}"),
+        })?;
+        match Completion::decode_data(event.position, event.id, event.schema_version, data) {
+            Ok(c) => completions.push(c),
+            Err(e) => undecodable.push((
+                event.position,
+                event.id,
+                String::from_utf8_lossy(event.event_type).into_owned(),
+                e.0,
+            )),
+        }
+    }
+    Ok(Slice {
+        completions: Arc::from(completions),
+        undecodable,
+        through,
+    })
 }

@@ -1567,3 +1567,43 @@ async fn a_learners_file_without_the_completion_days_still_answers_windows() {
     assert_eq!(got, expected);
     assert!(!got.is_empty());
 }
+
+/// A rebuild stops at a damaged event (data that is not UTF-8) with its
+/// position, and leaves the current generation current: it neither sets
+/// the event aside as undecodable nor switches to read models missing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_stops_at_a_damaged_event() {
+    let env = env();
+    ingest(
+        &*env.events,
+        &delivery(1, 1, "A", 1, "T", "2024-01-01 10:00:00", &[]),
+    )
+    .await;
+    let damaged = ingest(
+        &*env.events,
+        &delivery(1, 2, "B", 1, "T", "2024-01-01 11:00:00", &[]),
+    )
+    .await;
+    let conn = rusqlite::Connection::open(env._dir.path().join("events.sqlite")).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute("DROP TRIGGER events_no_update", []).unwrap();
+    conn.execute(
+        "UPDATE events SET data = CAST(x'7bff7d' AS TEXT) WHERE position = ?1",
+        [damaged as i64],
+    )
+    .unwrap();
+    let before = env.read.generation();
+    let result =
+        tracker_projections::replay::replay(Arc::clone(&env.events), &env.read, |_| {}).await;
+    match result {
+        Err(tracker_projections::replay::ReplayError::Events(
+            tracker_store::StoreError::Corrupt { position, reason },
+        )) => {
+            assert_eq!(position, damaged);
+            assert!(reason.contains("not UTF-8"), "{reason}");
+        }
+        other => panic!("expected the damaged event reported, got {other:?}"),
+    }
+    assert_eq!(env.read.generation(), before);
+    assert_eq!(env.read.dead_letter_count().await.unwrap(), 0);
+}
