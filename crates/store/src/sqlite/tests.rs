@@ -1094,6 +1094,18 @@ async fn a_missing_position_is_reported_by_the_reads_of_the_log() {
         let raw = store.read_all_raw(read, RawEvents::default()).await;
         assert_corrupt(raw.map(|e| e.len()), 3, found_3_for_2);
     }
+    // A subscription hands over what lies before the hole, then the error,
+    // then ends: never event 3 in place of event 2.
+    let mut items = Vec::new();
+    let mut subscription = store.subscribe_all(0);
+    while let Ok(Some(item)) =
+        tokio::time::timeout(Duration::from_secs(5), subscription.next()).await
+    {
+        items.push(item.map(|e| e.position));
+    }
+    let (last, before) = items.split_last().unwrap();
+    assert_corrupt(last.clone(), 3, "expected position 2 next");
+    assert!(before.iter().all(|i| matches!(i, Ok(1))), "{items:?}");
     // Reads that start past the hole, or stop before it, are whole.
     let after = store
         .read_all(ReadAll { from: 3, limit: 10 })
