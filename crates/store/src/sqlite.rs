@@ -451,6 +451,7 @@ impl SqliteEventStore {
     pub fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let conn = sql::open_writer(&path, Durability::Full, options.busy_timeout, MIGRATIONS)?;
+        let cache = sql::WriterCache::new(&conn)?;
         let head = read_head(&conn)?;
         let (head_tx, head_rx) = watch::channel(head);
         let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
@@ -458,6 +459,7 @@ impl SqliteEventStore {
         let counters = Arc::new(Counters::default());
         let writer = Writer {
             conn,
+            cache,
             path: path.clone(),
             head: head_tx,
             max_batch: options.max_batch.max(1),
@@ -961,6 +963,7 @@ impl Follow {
 /// The writer thread: owns the only read-write connection.
 struct Writer {
     conn: Connection,
+    cache: sql::WriterCache,
     path: PathBuf,
     head: watch::Sender<Position>,
     max_batch: usize,
@@ -1059,6 +1062,9 @@ impl Writer {
             }
             if !appends.is_empty() {
                 self.commit_group(std::mem::take(&mut appends));
+                if let Err(err) = self.cache.after_commit(&self.conn) {
+                    tracing::warn!(error = %err, "event store: cannot size the page cache");
+                }
             }
             if let Some(c) = &checkpointer
                 && c.rewind.swap(false, Ordering::AcqRel)
@@ -1468,6 +1474,7 @@ mod raw_tests {
         .unwrap();
         let (head, _) = watch::channel(0);
         let mut writer = Writer {
+            cache: sql::WriterCache::new(&conn).unwrap(),
             conn,
             path: path.clone(),
             head,
