@@ -1,9 +1,9 @@
 //! Durable appends per second through the embedded store alone (no HTTP):
 //! `cargo run --release -p tracker-store --example append_throughput -- 200000 256`
 //! (events, concurrent writers; then, optionally, the checkpoint interval in
-//! milliseconds and the WAL size in pages past which it starts over). Separates the store's share of the ingest
-//! cost from the HTTP layer's; on Linux it also prints the bytes written and
-//! read calls per append.
+//! milliseconds and the WAL size in pages past which it starts over).
+//! Separates the store's share of the ingest cost from the HTTP layer's; on
+//! Linux it also prints the bytes written and read calls per append.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
