@@ -246,16 +246,10 @@ async fn read_slices(events: Arc<dyn EventStore>, tx: mpsc::Sender<Result<Slice,
         let Some(through) = raw.last_position() else {
             return;
         };
-        match decode_slice(&raw, through) {
-            Ok(slice) => {
-                if tx.send(Ok(slice)).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e)).await;
-                return;
-            }
+        let slice = decode_slice(&raw, through);
+        let damaged = slice.is_err();
+        if tx.send(slice).await.is_err() || damaged {
+            return;
         }
         next = through + 1;
     }

@@ -156,7 +156,7 @@ impl WriterCache {
             large: false,
             countdown: 0,
         };
-        conn.pragma_update(None, "cache_size", -Self::SMALL_KIB.min(large_kib))?;
+        conn.pragma_update(None, "cache_size", -Self::SMALL_KIB)?;
         cache.after_commit(conn)?;
         Ok(cache)
     }
