@@ -34,6 +34,12 @@ use crate::readstore::{
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Page cache of a live projector's connection, in KiB.
 const LIVE_CACHE_KIB: i64 = 131_072;
+/// WAL pages (4 KiB each: 256 MiB) past which a live projector's commit
+/// checkpoints the WAL itself, so that it can start over. Four times the
+/// event log's [`tracker_store::WAL_RESTART_FRAMES`]: a projector's batch
+/// rewrites pages all over its file, and the larger the WAL between two
+/// restarts, the more of those rewrites reach the file as one copy.
+pub const LIVE_WAL_FRAMES: u32 = 65_536;
 
 /// What each projection's file has besides its own tables: the checkpoints,
 /// leases and dead letters written in the same transactions as its rows.
@@ -501,7 +507,7 @@ pub struct SqliteReadStore {
     checkpointer: Option<Arc<Checkpointer>>,
 }
 
-/// Copies the current generation's WALs into their files every 100 ms from
+/// Copies the current generation's WALs into their files every second from
 /// a thread and connections of its own (`PRAGMA wal_checkpoint(PASSIVE)`:
 /// it never waits for the projector or the readers), so that a projector's
 /// commit never stops to run a checkpoint. It follows the current pointer
@@ -513,7 +519,14 @@ struct Checkpointer {
 }
 
 impl Checkpointer {
-    const EVERY: Duration = Duration::from_millis(100);
+    /// A page rewritten by several batches within this time is copied
+    /// into the file once: at 100 ms a live projector in 512-event batches
+    /// wrote 136 KB per event, at one second (with [`LIVE_WAL_FRAMES`])
+    /// 79 KB. Nothing waits for it: readers read the WAL, and a commit in
+    /// the WAL survives a crash of the process. On power loss the read
+    /// models' `synchronous = NORMAL` may lose the last commits, rows and
+    /// checkpoint together, which the projector then applies again.
+    const EVERY: Duration = Duration::from_secs(1);
 
     fn start(dir: &Path) -> Result<Self, ReadStoreError> {
         let control = Connection::open(dir.join("control.sqlite")).map_err(storage)?;
@@ -581,7 +594,7 @@ impl Drop for Checkpointer {
 
 /// Opens a projection's file for a handle that follows the current pointer:
 /// with a background checkpointer its commits leave checkpoints to it, but
-/// for one past [`tracker_store::WAL_RESTART_FRAMES`] pages of WAL, which
+/// for one past [`LIVE_WAL_FRAMES`] pages of WAL, which
 /// lets the WAL start over (a checkpoint from another connection never does
 /// while the projector commits back to back, and the WAL would grow for the
 /// whole of a catch-up).
@@ -598,13 +611,19 @@ fn open_live(
     // (`pread` copies were a fifth of a catching-up projector's profile).
     conn.pragma_update(None, "cache_size", -LIVE_CACHE_KIB)
         .map_err(storage)?;
-    if checkpointer {
-        conn.pragma_update(
-            None,
-            "wal_autocheckpoint",
-            tracker_store::WAL_RESTART_FRAMES,
-        )
+    // A statement that writes many rows (a hundred completions or
+    // membership keys) keeps a copy of each page it changes, to undo itself
+    // alone if it fails. SQLite spills that copy to a temporary file past
+    // 64 KiB, which such statements always pass: a `pwrite` and a kernel
+    // page per page changed. Keep it in memory: it is freed at the end of
+    // each statement. Not for a rebuild's files (`open_building`), whose
+    // `seal` would then sort every index in memory instead of in runs
+    // merged from temporary files (the tenth day in the bench's history).
+    conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(storage)?;
+    if checkpointer {
+        conn.pragma_update(None, "wal_autocheckpoint", LIVE_WAL_FRAMES)
+            .map_err(storage)?;
     }
     Ok(conn)
 }

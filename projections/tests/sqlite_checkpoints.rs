@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use chrono::{TimeZone, Utc};
 use tracker_projections::model::{Completion, CourseRef};
 use tracker_projections::readstore::ApplyBatch;
-use tracker_projections::sqlite::SqliteReadStore;
+use tracker_projections::sqlite::{LIVE_WAL_FRAMES, SqliteReadStore};
 use tracker_projections::{CheckpointKey, ProjectionKind, ReadStore, ReadStoreError};
 
 fn completion(position: u64) -> Completion {
@@ -36,10 +36,13 @@ async fn projector_commits_leave_checkpoints_to_a_background_thread() {
     let dir = tempfile::tempdir().unwrap();
     let read = SqliteReadStore::open(dir.path().join("readmodels")).unwrap();
     for kind in ProjectionKind::ALL {
-        let autocheckpoint: i64 = read
+        let (autocheckpoint, temp_store): (i64, i64) = read
             .with_conn(kind, |conn, _| {
-                conn.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
-                    .map_err(|e| ReadStoreError::Storage(e.to_string()))
+                let pragma = |name: &str| {
+                    conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+                        .map_err(|e| ReadStoreError::Storage(e.to_string()))
+                };
+                Ok((pragma("wal_autocheckpoint")?, pragma("temp_store")?))
             })
             .await
             .unwrap();
@@ -47,8 +50,14 @@ async fn projector_commits_leave_checkpoints_to_a_background_thread() {
         // over (another connection's checkpoints never rewind it).
         assert_eq!(
             autocheckpoint,
-            i64::from(tracker_store::WAL_RESTART_FRAMES),
-            "the {kind:?} projection's connection checkpoints at SQLite's default"
+            i64::from(LIVE_WAL_FRAMES),
+            "the {kind:?} projection's connection checkpoints at another WAL size"
+        );
+        // 2 = MEMORY: a many-row statement's undo copy of the pages it
+        // changes stays in memory instead of a temporary file.
+        assert_eq!(
+            temp_store, 2,
+            "the {kind:?} projection's statement journals go to temporary files"
         );
     }
 
