@@ -1089,12 +1089,21 @@ fn write_plan(tx: &Transaction<'_>, p: &Plan) -> Result<(), ReadStoreError> {
             .map_err(storage)?;
         }
     }
+    // A later name or title is set by an `UPDATE` of its own, before the
+    // upsert and only when it differs: SQLite rewrites the entry of an
+    // index on every column a statement assigns, changed or not, and the
+    // name and title indexes (`*_by_name`, `*_by_title`) were a tenth of
+    // the pages a live batch wrote (see `Rename`).
     if !p.trails.is_empty() {
+        let mut rename_trail = Rename::prepare(
+            tx,
+            "UPDATE inst_trails SET name = ?3
+             WHERE institution_id = ?1 AND trail_id = ?2 AND name_position < ?4 AND name <> ?3",
+        )?;
         let mut stmt = tx
             .prepare_cached(
                 "INSERT INTO inst_trails VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (institution_id, trail_id) DO UPDATE SET
-                   name = CASE WHEN excluded.name_position > name_position THEN excluded.name ELSE name END,
                    name_position = MAX(name_position, excluded.name_position),
                    completions = completions + excluded.completions,
                    learners = learners + excluded.learners,
@@ -1103,6 +1112,7 @@ fn write_plan(tx: &Transaction<'_>, p: &Plan) -> Result<(), ReadStoreError> {
             )
             .map_err(storage)?;
         for ((i, t), d) in sorted(&p.trails) {
+            rename_trail.set((*i, *t), &d.name.value, sql_position(d.name.position)?)?;
             stmt.execute(params![
                 sql_id(*i),
                 sql_id(*t),
@@ -1117,17 +1127,22 @@ fn write_plan(tx: &Transaction<'_>, p: &Plan) -> Result<(), ReadStoreError> {
         }
     }
     if !p.courses.is_empty() {
+        let mut rename_course = Rename::prepare(
+            tx,
+            "UPDATE inst_courses SET title = ?3
+             WHERE institution_id = ?1 AND course_id = ?2 AND title_position < ?4 AND title <> ?3",
+        )?;
         let mut stmt = tx
             .prepare_cached(
                 "INSERT INTO inst_courses VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (institution_id, course_id) DO UPDATE SET
-                   title = CASE WHEN excluded.title_position > title_position THEN excluded.title ELSE title END,
                    title_position = MAX(title_position, excluded.title_position),
                    completions = completions + excluded.completions,
                    learners = learners + excluded.learners",
             )
             .map_err(storage)?;
         for ((i, c), d) in sorted(&p.courses) {
+            rename_course.set((*i, *c), &d.title.value, sql_position(d.title.position)?)?;
             stmt.execute(params![
                 sql_id(*i),
                 sql_id(*c),
@@ -1159,11 +1174,15 @@ fn write_plan(tx: &Transaction<'_>, p: &Plan) -> Result<(), ReadStoreError> {
         }
     }
     if !p.learners.is_empty() {
+        let mut rename_learner = Rename::prepare(
+            tx,
+            "UPDATE lrn_learners SET name = ?3
+             WHERE institution_id = ?1 AND user_id = ?2 AND profile_position < ?4 AND name <> ?3",
+        )?;
         let mut stmt = tx
             .prepare_cached(
                 "INSERT INTO lrn_learners VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT (institution_id, user_id) DO UPDATE SET
-                   name = CASE WHEN excluded.profile_position > profile_position THEN excluded.name ELSE name END,
                    email = CASE WHEN excluded.profile_position > profile_position THEN excluded.email ELSE email END,
                    profile_position = MAX(profile_position, excluded.profile_position),
                    trails = trails + excluded.trails,
@@ -1173,6 +1192,11 @@ fn write_plan(tx: &Transaction<'_>, p: &Plan) -> Result<(), ReadStoreError> {
             )
             .map_err(storage)?;
         for ((i, u), d) in sorted(&p.learners) {
+            rename_learner.set(
+                (*i, *u),
+                &d.profile.value.0,
+                sql_position(d.profile.position)?,
+            )?;
             stmt.execute(params![
                 sql_id(*i),
                 sql_id(*u),
@@ -1213,6 +1237,26 @@ fn write_plan(tx: &Transaction<'_>, p: &Plan) -> Result<(), ReadStoreError> {
         write_completions(tx, &p.completions)?;
     }
     Ok(())
+}
+
+/// A prepared rename (`sql`: `?1`, `?2` the row's key, `?3` the name, `?4`
+/// its position). It runs before the row's upsert, which moves the
+/// position but never assigns the name: the `UPDATE` matches only a row
+/// whose stored name is older and different, so a name seen again writes
+/// nothing, and its index entry stays put.
+struct Rename<'t>(rusqlite::CachedStatement<'t>);
+
+impl<'t> Rename<'t> {
+    fn prepare(tx: &'t Transaction<'_>, sql: &str) -> Result<Self, ReadStoreError> {
+        tx.prepare_cached(sql).map(Self).map_err(storage)
+    }
+
+    fn set(&mut self, (a, b): (u64, u64), name: &str, position: i64) -> Result<(), ReadStoreError> {
+        self.0
+            .execute(params![sql_id(a), sql_id(b), name, position])
+            .map(|_| ())
+            .map_err(storage)
+    }
 }
 
 fn write_completions(tx: &Transaction<'_>, rows: &[Completion]) -> Result<(), ReadStoreError> {

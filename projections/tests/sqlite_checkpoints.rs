@@ -154,3 +154,153 @@ async fn a_job_that_panics_fails_alone() {
         3
     );
 }
+
+/// A completion of one of 100 learners, 5 trails and their 5 courses
+/// (which by `position % 100`), their names ending in `name`.
+fn visit(position: u64, name: &str) -> Completion {
+    let user = 1 + position % 100;
+    let trail = 1 + position % 5;
+    Completion {
+        position,
+        event_id: uuid::Uuid::from_u128(u128::from(position)),
+        institution_id: 1 + user % 7,
+        user_id: user,
+        user_name: format!("Learner {user}{name}"),
+        user_email: format!("l{user}@example.edu.br"),
+        trail_id: trail,
+        trail_name: format!("Trilha {trail}{name}"),
+        courses: vec![CourseRef {
+            id: trail * 10,
+            title: format!("Curso {trail}{name}"),
+        }],
+        ..completion(position)
+    }
+}
+
+/// Empties `kind`'s WAL into its file, applies `completions`, and
+/// returns the pages that commit wrote to the WAL, by the index or table
+/// they belong to (`dbstat`).
+async fn pages_written(
+    read: &SqliteReadStore,
+    dir: &std::path::Path,
+    kind: ProjectionKind,
+    completions: Vec<Completion>,
+) -> std::collections::BTreeMap<String, usize> {
+    let busy: i64 = read
+        .with_conn(kind, |conn, _| {
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+                .map_err(|e| ReadStoreError::Storage(e.to_string()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(busy, 0, "the WAL could not be emptied");
+    let through = completions.last().unwrap().position;
+    read.apply(ApplyBatch {
+        key: CheckpointKey::whole(kind),
+        completions,
+        dead_letters: Vec::new(),
+        through,
+        lease: None,
+    })
+    .await
+    .unwrap();
+    // The frames of the WAL's current round (their salts are the header's).
+    let wal = std::fs::read(dir.join(format!("{}.{}.sqlite-wal", read.generation(), kind.name())))
+        .unwrap();
+    let be = |at: usize| u32::from_be_bytes(wal[at..at + 4].try_into().unwrap());
+    let page_size = be(8) as usize;
+    let mut pages = std::collections::BTreeSet::new();
+    let mut at = 32;
+    while at + 24 + page_size <= wal.len() && wal[at + 8..at + 16] == wal[16..24] {
+        pages.insert(i64::from(be(at)));
+        at += 24 + page_size;
+    }
+    assert!(!pages.is_empty(), "the batch wrote nothing to the WAL");
+    let owners: Vec<(i64, String)> = read
+        .with_conn(kind, |conn, _| {
+            let mut stmt = conn
+                .prepare("SELECT pageno, name FROM dbstat")
+                .map_err(|e| ReadStoreError::Storage(e.to_string()))?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(|rows| rows.collect())
+                .map_err(|e| ReadStoreError::Storage(e.to_string()))
+        })
+        .await
+        .unwrap();
+    let mut by_owner = std::collections::BTreeMap::new();
+    for (page, name) in owners {
+        if pages.contains(&page) {
+            *by_owner.entry(name).or_insert(0) += 1;
+        }
+    }
+    by_owner
+}
+
+/// SQLite rewrites an index entry whenever a statement assigns one of its
+/// columns, even to the value it has: a batch that brings the names and
+/// titles already stored must leave the name and title indexes' pages out
+/// of its commit, and one that renames must still rename.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_seen_again_leave_their_indexes_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("readmodels");
+    let read = SqliteReadStore::open(&files).unwrap();
+    let name_indexes = [
+        (ProjectionKind::Institutions, "inst_trails_by_name"),
+        (ProjectionKind::Institutions, "inst_courses_by_title"),
+        (ProjectionKind::Learners, "lrn_learners_by_name"),
+    ];
+    // Each round 300 completions at the next positions, each learner 3.
+    let mut next = 1;
+    let mut round = |name: &str| {
+        let completions: Vec<Completion> = (next..next + 300).map(|p| visit(p, name)).collect();
+        next += 300;
+        completions
+    };
+    // New rows enter the indexes; the same names again leave them alone;
+    // new names move their entries.
+    for (name, writes_names) in [("", true), ("", false), (" (2025)", true)] {
+        let completions = round(name);
+        for kind in ProjectionKind::ALL {
+            let pages = pages_written(&read, &files, kind, completions.clone()).await;
+            for (_, index) in name_indexes.iter().filter(|(k, _)| *k == kind) {
+                assert_eq!(
+                    pages.contains_key(*index),
+                    writes_names,
+                    "names {name:?}: {index} in {pages:?}"
+                );
+            }
+            // What the batch did change it wrote (the counts and their index).
+            let counted = match kind {
+                ProjectionKind::Institutions => "inst_trails_by_completions",
+                ProjectionKind::Learners => "lrn_learners_by_completions",
+            };
+            assert!(pages.contains_key(counted), "{pages:?}");
+        }
+    }
+    let names = |kind, sql: &'static str| {
+        read.with_conn(kind, move |conn, _| {
+            let mut stmt = conn
+                .prepare(sql)
+                .map_err(|e| ReadStoreError::Storage(e.to_string()))?;
+            stmt.query_map([], |r| r.get::<_, String>(0))
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| ReadStoreError::Storage(e.to_string()))
+        })
+    };
+    for (kind, sql) in [
+        (ProjectionKind::Institutions, "SELECT name FROM inst_trails"),
+        (
+            ProjectionKind::Institutions,
+            "SELECT title FROM inst_courses",
+        ),
+        (ProjectionKind::Learners, "SELECT name FROM lrn_learners"),
+    ] {
+        let names = names(kind, sql).await.unwrap();
+        assert!(!names.is_empty());
+        assert!(
+            names.iter().all(|n| n.ends_with(" (2025)")),
+            "{sql}: {names:?}"
+        );
+    }
+}
