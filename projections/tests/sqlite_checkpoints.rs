@@ -155,8 +155,8 @@ async fn a_job_that_panics_fails_alone() {
     );
 }
 
-/// A completion of one of 100 learners, 5 trails and their 5 courses
-/// (which by `position % 100`), their names ending in `name`.
+/// A completion of learner `1 + position % 100` on trail `1 + position % 5`
+/// (one course each), every name ending in `name`.
 fn visit(position: u64, name: &str) -> Completion {
     let user = 1 + position % 100;
     let trail = 1 + position % 5;
@@ -175,6 +175,23 @@ fn visit(position: u64, name: &str) -> Completion {
         }],
         ..completion(position)
     }
+}
+
+/// Every row `sql` selects from `kind`'s file.
+async fn rows<T>(read: &SqliteReadStore, kind: ProjectionKind, sql: &'static str) -> Vec<T>
+where
+    T: for<'r> TryFrom<&'r rusqlite::Row<'r>, Error = rusqlite::Error> + Send + 'static,
+{
+    read.with_conn(kind, move |conn, _| {
+        let mut stmt = conn
+            .prepare(sql)
+            .map_err(|e| ReadStoreError::Storage(e.to_string()))?;
+        stmt.query_map([], |r| T::try_from(r))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| ReadStoreError::Storage(e.to_string()))
+    })
+    .await
+    .unwrap()
 }
 
 /// Empties `kind`'s WAL into its file, applies `completions`, and
@@ -216,17 +233,7 @@ async fn pages_written(
         at += 24 + page_size;
     }
     assert!(!pages.is_empty(), "the batch wrote nothing to the WAL");
-    let owners: Vec<(i64, String)> = read
-        .with_conn(kind, |conn, _| {
-            let mut stmt = conn
-                .prepare("SELECT pageno, name FROM dbstat")
-                .map_err(|e| ReadStoreError::Storage(e.to_string()))?;
-            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .and_then(|rows| rows.collect())
-                .map_err(|e| ReadStoreError::Storage(e.to_string()))
-        })
-        .await
-        .unwrap();
+    let owners: Vec<(i64, String)> = rows(read, kind, "SELECT pageno, name FROM dbstat").await;
     let mut by_owner = std::collections::BTreeMap::new();
     for (page, name) in owners {
         if pages.contains(&page) {
@@ -278,16 +285,6 @@ async fn names_seen_again_leave_their_indexes_untouched() {
             assert!(pages.contains_key(counted), "{pages:?}");
         }
     }
-    let names = |kind, sql: &'static str| {
-        read.with_conn(kind, move |conn, _| {
-            let mut stmt = conn
-                .prepare(sql)
-                .map_err(|e| ReadStoreError::Storage(e.to_string()))?;
-            stmt.query_map([], |r| r.get::<_, String>(0))
-                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| ReadStoreError::Storage(e.to_string()))
-        })
-    };
     for (kind, sql) in [
         (ProjectionKind::Institutions, "SELECT name FROM inst_trails"),
         (
@@ -296,10 +293,10 @@ async fn names_seen_again_leave_their_indexes_untouched() {
         ),
         (ProjectionKind::Learners, "SELECT name FROM lrn_learners"),
     ] {
-        let names = names(kind, sql).await.unwrap();
+        let names: Vec<(String,)> = rows(&read, kind, sql).await;
         assert!(!names.is_empty());
         assert!(
-            names.iter().all(|n| n.ends_with(" (2025)")),
+            names.iter().all(|(n,)| n.ends_with(" (2025)")),
             "{sql}: {names:?}"
         );
     }
