@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
 
 use serde_norway::Value;
 use tracker::config::{Config, Overrides};
@@ -25,6 +26,19 @@ fn compose() -> Value {
     let mut value: Value = serde_norway::from_str(&text).unwrap();
     value.apply_merge().unwrap();
     value
+}
+
+/// figment's `Jail` moves the whole process into a temporary directory and
+/// deletes it when the closure returns. A process spawned meanwhile (cargo,
+/// the tracker) inherits that directory and can find it gone: "couldn't get
+/// the current directory of the process". Tests that jail or spawn hold this.
+static WORKING_DIRECTORY: Mutex<()> = Mutex::new(());
+
+fn working_directory() -> MutexGuard<'static, ()> {
+    // A failed test poisons the lock; the directory itself is still restored.
+    WORKING_DIRECTORY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn tracker_bin() -> PathBuf {
@@ -132,6 +146,7 @@ fn the_file_describes_the_multi_process_system() {
 
 #[test]
 fn every_command_is_a_real_subcommand_with_real_flags() {
+    let _cwd = working_directory();
     let bin = tracker_bin();
     let c = compose();
     for service in tracker_services(&c) {
@@ -186,6 +201,7 @@ fn every_variable_is_a_real_setting() {
         }
         let env = service.environment.clone();
         let name = service.name.clone();
+        let _cwd = working_directory();
         figment::Jail::expect_with(move |jail| {
             for (k, v) in &env {
                 jail.set_env(k, v);
