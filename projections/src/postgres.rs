@@ -939,6 +939,9 @@ async fn insert_new_keys(
             )?;
         }
         ProjectionKind::Learners => {
+            // The SQLite store looks each key's `lrn_learner_trails` row up
+            // instead of keeping this table; here the whole batch's keys
+            // are one statement, and the lookup has not been measured.
             new.trail_learners = new_triples(
                 tx,
                 insert_keys_sql(s, "lrn_m_trail_learners", &[I, T, U]),

@@ -1443,6 +1443,61 @@ proptest! {
     }
 }
 
+/// Turns a learners file back into the schema of its second migration: no
+/// positions per day yet, and the learners' trails also kept as keys.
+const LEARNERS_FILE_V2: &str = "
+    DROP TABLE lrn_completion_days;
+    CREATE TABLE lrn_m_trail_learners (institution_id INTEGER NOT NULL, trail_id INTEGER NOT NULL,
+        user_id INTEGER NOT NULL, PRIMARY KEY (institution_id, trail_id, user_id)) WITHOUT ROWID;
+    INSERT INTO lrn_m_trail_learners SELECT institution_id, trail_id, user_id FROM lrn_learner_trails;
+    PRAGMA user_version = 2;";
+
+/// A learners file from before kept its learners' trails twice: as rows and
+/// as keys in `lrn_m_trail_learners`. Opened for writing, it loses the keys,
+/// and the projector goes on counting a trail seen before once, from the
+/// rows alone.
+#[tokio::test]
+async fn an_older_learners_file_drops_its_trail_keys_and_counts_trails_once() {
+    let env = env();
+    let events = [
+        completion_at(1, 1, 7, 1, 1_000),
+        completion_at(2, 1, 7, 2, 2_000),
+        completion_at(3, 1, 7, 1, 3_000),
+        completion_at(4, 1, 7, 3, 4_000),
+        completion_at(5, 1, 8, 1, 5_000),
+        completion_at(6, 1, 7, 2, 6_000),
+    ];
+    apply_ranges(&env.read, &events, &[(0, 2)]).await;
+    let path = env
+        .read
+        .dir()
+        .join(format!("{}.learners.sqlite", env.read.generation()));
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(LEARNERS_FILE_V2)
+        .unwrap();
+    drop(env.read);
+    let reopened = SqliteReadStore::open(path.parent().unwrap()).unwrap();
+    let tables: Vec<String> = rusqlite::Connection::open(&path)
+        .unwrap()
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(tables.contains(&"lrn_completion_days".to_owned()));
+    assert!(
+        !tables.contains(&"lrn_m_trail_learners".to_owned()),
+        "{tables:?}"
+    );
+    apply_ranges(&reopened, &events, &[(2, 4), (4, 6)]).await;
+    let s = reopened.snapshot().await.unwrap();
+    // trails, completions
+    assert_eq!(row(&s, "lrn_learners", &["1", "7"])[5..7], ["3", "5"]);
+    assert_eq!(row(&s, "lrn_learners", &["1", "8"])[5..7], ["1", "1"]);
+}
+
 /// A learners file from before the positions-per-day table gets it
 /// filled from its completions when opened, with the same rows the
 /// projection writes (days of instants before 1970 included, and of the
@@ -1499,14 +1554,7 @@ async fn an_older_learners_file_gets_the_completion_days_from_its_rows() {
         ],
         "one row per institution and UTC day, with its first and last positions"
     );
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .unwrap();
-    conn.execute_batch(&format!(
-        "DROP TABLE lrn_completion_days; PRAGMA user_version = {};",
-        version - 1
-    ))
-    .unwrap();
+    conn.execute_batch(LEARNERS_FILE_V2).unwrap();
     drop(conn);
     drop(env.read);
     let reopened = SqliteReadStore::open(path.parent().unwrap()).unwrap();
@@ -1534,7 +1582,7 @@ async fn a_learners_file_without_the_completion_days_still_answers_windows() {
         .join(format!("{}.learners.sqlite", env.read.generation()));
     rusqlite::Connection::open(&path)
         .unwrap()
-        .execute_batch("DROP TABLE lrn_completion_days; PRAGMA user_version = 2;")
+        .execute_batch(LEARNERS_FILE_V2)
         .unwrap();
     let queries = SqliteQueries::open(env.read.dir()).unwrap();
     let from = chrono::DateTime::from_timestamp(1_704_067_200 + 2 * 86_400, 0).unwrap();
