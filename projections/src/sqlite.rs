@@ -219,6 +219,12 @@ GROUP BY 1, 2;
 /// The table cost ~6% of the pages a live batch wrote to this file.
 const LEARNERS_NO_TRAIL_KEYS: &str = "DROP TABLE lrn_m_trail_learners;";
 
+/// A learner's completions by time were the sixth index on
+/// `lrn_completions`, on a random key: a tenth of the bytes a live batch
+/// wrote. A learner has few completions; the queries read them from
+/// `lrn_completions_by_user` and filter or sort them (`completions_sql`).
+const LEARNERS_NO_USER_TIME_INDEX: &str = "DROP INDEX lrn_completions_by_user_time;";
+
 /// Schema of a projection's file; `PRAGMA user_version` counts what is
 /// applied.
 fn migrations(kind: ProjectionKind) -> &'static [&'static str] {
@@ -229,6 +235,7 @@ fn migrations(kind: ProjectionKind) -> &'static [&'static str] {
             LEARNERS_SCHEMA,
             LEARNERS_COMPLETION_DAYS,
             LEARNERS_NO_TRAIL_KEYS,
+            LEARNERS_NO_USER_TIME_INDEX,
         ],
     }
 }

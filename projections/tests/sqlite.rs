@@ -1444,18 +1444,21 @@ proptest! {
 }
 
 /// Turns a learners file back into the schema of its second migration: no
-/// positions per day yet, and the learners' trails also kept as keys.
+/// positions per day yet, the learners' trails also kept as keys, and a
+/// learner's completions indexed by time.
 const LEARNERS_FILE_V2: &str = "
     DROP TABLE lrn_completion_days;
+    CREATE INDEX lrn_completions_by_user_time
+        ON lrn_completions (institution_id, user_id, finished_at, position);
     CREATE TABLE lrn_m_trail_learners (institution_id INTEGER NOT NULL, trail_id INTEGER NOT NULL,
         user_id INTEGER NOT NULL, PRIMARY KEY (institution_id, trail_id, user_id)) WITHOUT ROWID;
     INSERT INTO lrn_m_trail_learners SELECT institution_id, trail_id, user_id FROM lrn_learner_trails;
     PRAGMA user_version = 2;";
 
-/// A learners file from before kept its learners' trails twice: as rows and
-/// as keys in `lrn_m_trail_learners`. Opened for writing, it loses the keys,
-/// and the projector goes on counting a trail seen before once, from the
-/// rows alone.
+/// A learners file from before kept its learners' trails twice, as rows and
+/// as keys in `lrn_m_trail_learners`, and indexed a learner's completions
+/// by time. Opened for writing, it loses the keys and the index, and the
+/// projector goes on counting a trail seen before once, from the rows alone.
 #[tokio::test]
 async fn an_older_learners_file_drops_its_trail_keys_and_counts_trails_once() {
     let env = env();
@@ -1480,17 +1483,17 @@ async fn an_older_learners_file_drops_its_trail_keys_and_counts_trails_once() {
     let reopened = SqliteReadStore::open(path.parent().unwrap()).unwrap();
     let tables: Vec<String> = rusqlite::Connection::open(&path)
         .unwrap()
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .prepare("SELECT name FROM sqlite_master ORDER BY name")
         .unwrap()
         .query_map([], |r| r.get(0))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
     assert!(tables.contains(&"lrn_completion_days".to_owned()));
-    assert!(
-        !tables.contains(&"lrn_m_trail_learners".to_owned()),
-        "{tables:?}"
-    );
+    for dropped in ["lrn_m_trail_learners", "lrn_completions_by_user_time"] {
+        assert!(!tables.contains(&dropped.to_owned()), "{tables:?}");
+    }
+    assert!(tables.contains(&"lrn_completions_by_user".to_owned()));
     apply_ranges(&reopened, &events, &[(2, 4), (4, 6)]).await;
     let s = reopened.snapshot().await.unwrap();
     // trails, completions

@@ -615,20 +615,34 @@ mod tests {
     }
 
     /// Every statement reads an index range (`SEARCH`), never a whole table
-    /// or a sort of its rows, except the checkpoints (a handful of rows).
+    /// or a sort of its rows, except the checkpoints (a handful of rows)
+    /// and a learner's completions in time order: a sort of that learner's
+    /// rows alone, read by both keys of their log-order index.
     #[test]
     fn every_query_is_an_index_range() {
         let (_dir, conn) = empty_store();
         for (sql, params) in plan_samples() {
             let plan = plan_of(&conn, &sql, params);
+            let one_learner = plan.first().is_some_and(|l| {
+                l.starts_with(
+                    "SEARCH lrn_completions USING INDEX lrn_completions_by_user \
+                     (institution_id=? AND user_id=?",
+                )
+            });
             for line in &plan {
                 assert!(
                     line.starts_with("SEARCH ")
                         || line.starts_with("SCALAR SUBQUERY")
-                        || line == "SCAN CONSTANT ROW",
+                        || line == "SCAN CONSTANT ROW"
+                        || (one_learner && line == "USE TEMP B-TREE FOR ORDER BY"),
                     "{sql}\nis not index-backed: {plan:?}"
                 );
-                assert!(!line.contains("TEMP B-TREE"), "{sql}\nsorts: {plan:?}");
+            }
+            if !one_learner {
+                assert!(
+                    !plan.iter().any(|l| l.contains("TEMP B-TREE")),
+                    "{sql}\nsorts: {plan:?}"
+                );
             }
         }
     }
@@ -683,8 +697,8 @@ mod tests {
                 assert!(!plan.iter().any(|l| l.contains("TEMP B-TREE")), "{plan:?}");
             }
         }
-        // A learner's window has its own small time index; time order is
-        // an index range; neither is this statement.
+        // A learner's completions are few and read from their own index;
+        // time order is an index range; neither is this statement.
         let page = |sort| PageRequest {
             sort,
             after: None,
@@ -711,43 +725,69 @@ mod tests {
         );
     }
 
-    /// A learner's time window in position order sorts only positions,
-    /// from the time index alone, then reads the page's rows by key.
+    /// A learner's completions, in any order and any time window, are read
+    /// from the learner's log-order index by both its keys (the learner's
+    /// rows only, never the institution's time index filtered); in log
+    /// order without a sort.
     #[test]
-    fn a_learners_time_window_in_position_order_sorts_positions_only() {
+    fn a_learners_completions_are_read_from_their_own_index() {
         let (_dir, conn) = empty_store();
         let t = chrono::DateTime::parse_from_rfc3339("2024-01-01T10:00:00Z")
             .unwrap()
             .with_timezone(&Utc);
-        for filter in [
-            CompletionFilter {
-                from: Some(t),
-                user_id: Some(3),
-                ..Default::default()
-            },
-            CompletionFilter {
-                to: Some(t),
-                user_id: Some(3),
-                ..Default::default()
-            },
+        let mut statements = vec![(
+            learner_completions_sql(),
+            vec![Param::Int(7), Param::Int(3)],
+            true,
+        )];
+        for (from, to) in [
+            (None, None),
+            (Some(t), None),
+            (None, Some(t)),
+            (Some(t), Some(t)),
         ] {
-            let page = PageRequest {
-                sort: CompletionSort::Position,
-                after: None,
-                limit: 50,
+            let filter = CompletionFilter {
+                from,
+                to,
+                user_id: Some(3),
+                trail_id: None,
             };
-            let (sql, params) = completions_sql(7, &filter, &page).unwrap();
+            for (sort, after) in [
+                (CompletionSort::Position, None),
+                (CompletionSort::Position, Some(CompletionKey::Position(9))),
+                (CompletionSort::FinishedAt, None),
+                (
+                    CompletionSort::FinishedAt,
+                    Some(CompletionKey::FinishedAt(t, 9)),
+                ),
+            ] {
+                let page = PageRequest {
+                    sort,
+                    after,
+                    limit: 50,
+                };
+                let (sql, params) = completions_sql(7, &filter, &page).unwrap();
+                statements.push((sql, params, sort == CompletionSort::Position));
+            }
+        }
+        for (sql, params, in_log_order) in statements {
             let plan = plan_of(&conn, &sql, params);
-            assert_eq!(
-                plan[0], "SEARCH lrn_completions USING INTEGER PRIMARY KEY (rowid=?)",
+            assert!(
+                plan[0].starts_with(
+                    "SEARCH lrn_completions USING INDEX lrn_completions_by_user \
+                     (institution_id=? AND user_id=?"
+                ),
                 "{sql}\n{plan:?}"
             );
-            let index_reads: Vec<&String> =
-                plan.iter().filter(|l| l.starts_with("SEARCH ")).collect();
-            assert_eq!(index_reads.len(), 2, "{plan:?}");
-            assert!(
-                index_reads[1].contains("USING COVERING INDEX"),
-                "the window is read from the table: {plan:?}"
+            assert_eq!(
+                plan.iter().filter(|l| l.starts_with("SEARCH ")).count(),
+                1,
+                "{sql}\n{plan:?}"
+            );
+            assert_eq!(
+                plan.iter().any(|l| l.contains("TEMP B-TREE")),
+                !in_log_order,
+                "{sql}\n{plan:?}"
             );
         }
     }
