@@ -1162,6 +1162,27 @@ pub(crate) fn time_text(t: DateTime<Utc>) -> String {
     sql_time(t)
 }
 
+/// A first and a later page of completions in each order (cursors at `t`).
+#[cfg(test)]
+pub(crate) fn completion_pages(
+    t: DateTime<Utc>,
+) -> [PageRequest<CompletionSort, CompletionKey>; 4] {
+    [
+        (CompletionSort::Position, None),
+        (CompletionSort::Position, Some(CompletionKey::Position(9))),
+        (CompletionSort::FinishedAt, None),
+        (
+            CompletionSort::FinishedAt,
+            Some(CompletionKey::FinishedAt(t, 9)),
+        ),
+    ]
+    .map(|(sort, after)| PageRequest {
+        sort,
+        after,
+        limit: 50,
+    })
+}
+
 /// Every statement shape the backends run, with sample parameters, for
 /// checking their plans (`EXPLAIN`) on both backends.
 #[cfg(test)]
@@ -1249,20 +1270,7 @@ pub(crate) fn plan_samples() -> Vec<(String, Vec<Param>)> {
         },
     ];
     for filter in filters {
-        for (sort, after) in [
-            (CompletionSort::Position, None),
-            (CompletionSort::Position, Some(CompletionKey::Position(9))),
-            (CompletionSort::FinishedAt, None),
-            (
-                CompletionSort::FinishedAt,
-                Some(CompletionKey::FinishedAt(t, 9)),
-            ),
-        ] {
-            let page = PageRequest {
-                sort,
-                after,
-                limit: 50,
-            };
+        for page in completion_pages(t) {
             if let Ok(statement) = completions_sql(7, &filter, &page) {
                 out.push(statement);
             }

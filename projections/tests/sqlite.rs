@@ -1455,6 +1455,19 @@ const LEARNERS_FILE_V2: &str = "
     INSERT INTO lrn_m_trail_learners SELECT institution_id, trail_id, user_id FROM lrn_learner_trails;
     PRAGMA user_version = 2;";
 
+/// [`LEARNERS_FILE_V2`] applied to the current generation's learners file;
+/// its path.
+fn learners_file_as_v2(read: &SqliteReadStore) -> std::path::PathBuf {
+    let path = read
+        .dir()
+        .join(format!("{}.learners.sqlite", read.generation()));
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(LEARNERS_FILE_V2)
+        .unwrap();
+    path
+}
+
 /// A learners file from before kept its learners' trails twice, as rows and
 /// as keys in `lrn_m_trail_learners`, and indexed a learner's completions
 /// by time. Opened for writing, it loses the keys and the index, and the
@@ -1471,14 +1484,7 @@ async fn an_older_learners_file_drops_its_trail_keys_and_counts_trails_once() {
         completion_at(6, 1, 7, 2, 6_000),
     ];
     apply_ranges(&env.read, &events, &[(0, 2)]).await;
-    let path = env
-        .read
-        .dir()
-        .join(format!("{}.learners.sqlite", env.read.generation()));
-    rusqlite::Connection::open(&path)
-        .unwrap()
-        .execute_batch(LEARNERS_FILE_V2)
-        .unwrap();
+    let path = learners_file_as_v2(&env.read);
     drop(env.read);
     let reopened = SqliteReadStore::open(path.parent().unwrap()).unwrap();
     let tables: Vec<String> = rusqlite::Connection::open(&path)
@@ -1579,14 +1585,7 @@ async fn a_learners_file_without_the_completion_days_still_answers_windows() {
         .map(|p| completion_at(p, 1, p % 4, 1, 1_704_067_200 + (p as i64 % 7) * 86_400))
         .collect();
     apply_ranges(&env.read, &events, &[(0, events.len())]).await;
-    let path = env
-        .read
-        .dir()
-        .join(format!("{}.learners.sqlite", env.read.generation()));
-    rusqlite::Connection::open(&path)
-        .unwrap()
-        .execute_batch(LEARNERS_FILE_V2)
-        .unwrap();
+    learners_file_as_v2(&env.read);
     let queries = SqliteQueries::open(env.read.dir()).unwrap();
     let from = chrono::DateTime::from_timestamp(1_704_067_200 + 2 * 86_400, 0).unwrap();
     let to = chrono::DateTime::from_timestamp(1_704_067_200 + 4 * 86_400, 0).unwrap();

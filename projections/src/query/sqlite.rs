@@ -752,22 +752,9 @@ mod tests {
                 user_id: Some(3),
                 trail_id: None,
             };
-            for (sort, after) in [
-                (CompletionSort::Position, None),
-                (CompletionSort::Position, Some(CompletionKey::Position(9))),
-                (CompletionSort::FinishedAt, None),
-                (
-                    CompletionSort::FinishedAt,
-                    Some(CompletionKey::FinishedAt(t, 9)),
-                ),
-            ] {
-                let page = PageRequest {
-                    sort,
-                    after,
-                    limit: 50,
-                };
+            for page in completion_pages(t) {
                 let (sql, params) = completions_sql(7, &filter, &page).unwrap();
-                statements.push((sql, params, sort == CompletionSort::Position));
+                statements.push((sql, params, page.sort == CompletionSort::Position));
             }
         }
         for (sql, params, in_log_order) in statements {
