@@ -102,7 +102,6 @@ impl SqliteQueries {
     {
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
-            schedule_as_batch_thread();
             let generation = inner.generation()?;
             let conn = generation.checkout()?;
             let result = in_read_transaction(&conn, f);
@@ -112,53 +111,6 @@ impl SqliteQueries {
         .await
         .map_err(|e| storage(format!("query task failed: {e}")))?
     }
-}
-
-/// Marks the calling thread, once, as a batch thread for Linux's scheduler
-/// (`SCHED_BATCH`, its nice value kept). A query's blocking thread that
-/// wakes up then does not preempt the actix worker that handed it the
-/// query: the worker goes on reading, parsing and answering other requests
-/// until its time slice ends or it waits, and the query runs after.
-/// Measured with `wrk -c16` on a 1M-event read model, alternated with the
-/// same binary (the history's seventeenth day): server CPU per answer
-/// 11% lower for one learner, 13% for a page of learners, 24% for a
-/// summary, the thread switches being what it saves. Tokio's blocking
-/// threads are shared: one that ran a query stays a batch thread for the
-/// blocking work it runs later (event-log reads for exports), which is
-/// throughput work too. Failing to only means the thread keeps its policy.
-fn schedule_as_batch_thread() {
-    thread_local! {
-        static MARKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    }
-    if MARKED.with(|marked| marked.replace(true)) {
-        return;
-    }
-    #[cfg(target_os = "linux")]
-    if let Err(e) = set_batch_policy() {
-        tracing::debug!(error = %e, "query thread keeps its scheduling policy");
-    }
-}
-
-#[cfg(target_os = "linux")]
-fn set_batch_policy() -> Result<(), String> {
-    use thread_priority::{
-        NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
-        set_thread_priority_and_policy, thread_native_id,
-    };
-    let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
-    let nice = rustix::process::getpriority_process(Some(rustix::thread::gettid()))
-        .map_err(|e| e.to_string())?;
-    // The crate sets a normal policy's nice value from a priority of
-    // 0..=99: pick the one that maps to this thread's own nice value, so
-    // only the policy changes (an unprivileged thread could not take back
-    // a raised nice value).
-    let priority = (0..=99u8)
-        .filter_map(|p| ThreadPriorityValue::try_from(p).ok())
-        .map(ThreadPriority::Crossplatform)
-        .find(|p| p.to_posix(policy).ok() == Some(nice))
-        .ok_or_else(|| format!("no priority keeps nice value {nice}"))?;
-    set_thread_priority_and_policy(thread_native_id(), priority, policy)
-        .map_err(|e| format!("{e:?}"))
 }
 
 impl Inner {
@@ -648,62 +600,6 @@ mod tests {
         assert!(conn.is_autocommit());
         generation.checkin(conn);
         assert_eq!(generation.idle.lock().unwrap().len(), 1);
-    }
-
-    #[cfg(target_os = "linux")]
-    fn policy_and_nice_of_this_thread() -> (thread_priority::ThreadSchedulePolicy, i32) {
-        let policy = thread_priority::thread_schedule_policy().unwrap();
-        let nice = rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
-        (policy, nice)
-    }
-
-    /// A query runs on a batch thread (see `schedule_as_batch_thread`), at
-    /// the nice value the thread had.
-    #[cfg(target_os = "linux")]
-    #[tokio::test]
-    async fn queries_run_on_batch_threads_at_their_own_nice_value() {
-        use thread_priority::{NormalThreadSchedulePolicy, ThreadSchedulePolicy};
-        let dir = tempfile::tempdir().unwrap();
-        let _store = SqliteReadStore::open(dir.path()).unwrap();
-        let queries = SqliteQueries::open(dir.path()).unwrap();
-        let process_nice = rustix::process::getpriority_process(None).unwrap();
-        for _ in 0..2 {
-            let (policy, nice) = queries
-                .read(|_| Ok(policy_and_nice_of_this_thread()))
-                .await
-                .unwrap();
-            assert_eq!(
-                policy,
-                ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch)
-            );
-            assert_eq!(nice, process_nice);
-        }
-    }
-
-    /// Only the policy changes: a thread at another nice value keeps it.
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn the_batch_policy_keeps_a_threads_nice_value() {
-        use thread_priority::{NormalThreadSchedulePolicy, ThreadSchedulePolicy};
-        let (before, after) = std::thread::spawn(|| {
-            let tid = Some(rustix::thread::gettid());
-            let nice = rustix::process::getpriority_process(tid).unwrap();
-            rustix::process::setpriority_process(tid, (nice + 5).min(19)).unwrap();
-            let before = policy_and_nice_of_this_thread();
-            set_batch_policy().unwrap();
-            (before, policy_and_nice_of_this_thread())
-        })
-        .join()
-        .unwrap();
-        assert_eq!(
-            before.0,
-            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other)
-        );
-        assert_eq!(
-            after.0,
-            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch)
-        );
-        assert_eq!(after.1, before.1);
     }
 
     /// SQLite's plan of a statement, one line per step.
