@@ -1276,6 +1276,18 @@ pub(crate) fn plan_samples() -> Vec<(String, Vec<Param>)> {
             }
         }
     }
+    // One learner's time window, in each order.
+    let learner_window = CompletionFilter {
+        user_id: Some(1),
+        from: Some(t),
+        to: Some(t),
+        ..Default::default()
+    };
+    for page in completion_pages(t) {
+        if let Ok(statement) = completions_sql(7, &learner_window, &page) {
+            out.push(statement);
+        }
+    }
     // A time window in time order.
     let window = CompletionFilter {
         from: Some(t),
