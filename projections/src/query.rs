@@ -1268,24 +1268,19 @@ pub(crate) fn plan_samples() -> Vec<(String, Vec<Param>)> {
             trail_id: Some(1),
             ..Default::default()
         },
+        // One learner's time window.
+        CompletionFilter {
+            user_id: Some(1),
+            from: Some(t),
+            to: Some(t),
+            ..Default::default()
+        },
     ];
     for filter in filters {
         for page in completion_pages(t) {
             if let Ok(statement) = completions_sql(7, &filter, &page) {
                 out.push(statement);
             }
-        }
-    }
-    // One learner's time window, in each order.
-    let learner_window = CompletionFilter {
-        user_id: Some(1),
-        from: Some(t),
-        to: Some(t),
-        ..Default::default()
-    };
-    for page in completion_pages(t) {
-        if let Ok(statement) = completions_sql(7, &learner_window, &page) {
-            out.push(statement);
         }
     }
     // A time window in time order.
