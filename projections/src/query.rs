@@ -457,7 +457,12 @@ pub fn consistent_through(
 pub fn bucket_start(bucket: Bucket, day: NaiveDate) -> NaiveDate {
     match bucket {
         Bucket::Day => day,
-        Bucket::Week => day - TimeDelta::days(i64::from(day.weekday().num_days_from_monday())),
+        // Only the earliest dates chrono holds have no Monday before them.
+        Bucket::Week => day
+            .checked_sub_signed(TimeDelta::days(i64::from(
+                day.weekday().num_days_from_monday(),
+            )))
+            .unwrap_or(NaiveDate::MIN),
         Bucket::Month => day.with_day(1).unwrap_or(day),
     }
 }
@@ -1403,6 +1408,14 @@ mod tests {
             consistent_through(&only_other_partition, 4, ProjectionKind::Learners),
             0
         );
+    }
+
+    #[test]
+    fn the_earliest_dates_have_a_week_without_panicking() {
+        // chrono's first date is a Thursday: no Monday before it.
+        assert_eq!(bucket_start(Bucket::Week, NaiveDate::MIN), NaiveDate::MIN);
+        let (start, _, buckets) = snap(Bucket::Week, NaiveDate::MIN, NaiveDate::MIN);
+        assert_eq!((start, buckets), (NaiveDate::MIN, 1));
     }
 
     #[test]

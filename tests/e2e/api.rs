@@ -575,6 +575,24 @@ async fn bad_parameters_are_400_naming_them_and_unknowns_404() {
         assert!(!body["error"]["message"].as_str().unwrap().is_empty());
     }
 
+    // Dates that parse but that no read model holds are refused by name,
+    // on both date-filtered lists (chrono's earliest date is a Thursday:
+    // its week would start before it).
+    for path in [
+        "/v1/institutions/100/activity?bucket=week&from=-262143-01-01&to=2024-01-01",
+        "/v1/institutions/100/activity?bucket=month&from=2024-01-01&to=%2B10000-01-01",
+        "/v1/institutions/100/completions?from=-0001-01-01T00:00:00Z",
+    ] {
+        let (status, _, body) = app.api_json(path, OPERATOR_KEY).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_parameter", "{path}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains("between years 1 and 9999"),
+            "{path}: {body}"
+        );
+    }
+
     // A cursor only works for its own list, sort and institution.
     let (_, _, page) = app
         .api_json("/v1/institutions/100/trails?limit=1&sort=name", KEY_100)

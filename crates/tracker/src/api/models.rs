@@ -680,17 +680,7 @@ pub async fn completions(
             format!("from ({from}) is after to ({to})"),
         ));
     }
-    for (name, t) in [("from", q.from), ("to", q.to)] {
-        if let Some(t) = t
-            && !(1..=9999).contains(&chrono::Datelike::year(&t))
-        {
-            return Err(Failure::bad_request(
-                name,
-                "invalid_parameter",
-                format!("{name} must be between years 1 and 9999"),
-            ));
-        }
-    }
+    within_years([("from", q.from), ("to", q.to)])?;
     let filter = CompletionFilter {
         from: q.from,
         to: q.to,
@@ -766,6 +756,7 @@ pub async fn activity(
             format!("from ({from}) is after to ({to})"),
         ));
     }
+    within_years([("from", q.from), ("to", q.to)])?;
     let request = ActivityRequest {
         bucket,
         from: q.from,
@@ -804,4 +795,20 @@ pub async fn activity(
             None,
         )),
     }
+}
+
+/// Dates and times the read models can hold: years 1 to 9999.
+fn within_years<D: chrono::Datelike>(bounds: [(&str, Option<D>); 2]) -> Result<(), Failure> {
+    for (name, t) in bounds {
+        if let Some(t) = t
+            && !(1..=9999).contains(&t.year())
+        {
+            return Err(Failure::bad_request(
+                name,
+                "invalid_parameter",
+                format!("{name} must be between years 1 and 9999"),
+            ));
+        }
+    }
+    Ok(())
 }
