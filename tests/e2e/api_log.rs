@@ -276,6 +276,26 @@ async fn an_export_resumes_from_a_cursor_or_a_position() {
     assert_eq!(status, 200);
     assert_eq!(positions(&by_time), [3, 4, 5]);
 
+    // A cursor past every position the log can hold is the end, on both
+    // lists whose cursor is a position, as a page and as a stream.
+    use tracker::api::params::{CursorKey, CursorScope, encode_cursor};
+    for (list, path) in [
+        ("events", "/v1/events"),
+        ("events/100", "/v1/institutions/100/events"),
+    ] {
+        let last = encode_cursor(
+            &CursorScope::new(list, "position"),
+            CursorKey::Position { p: u64::MAX },
+        );
+        let (status, _, page) = app
+            .api_json(&format!("{path}?limit=3&cursor={last}"), OPERATOR_KEY)
+            .await;
+        assert_eq!(status, 200, "{path}: {page}");
+        assert_eq!(page["items"], serde_json::json!([]), "{path}: {page}");
+        let (status, rest) = ndjson(&app, &format!("{path}?cursor={last}"), OPERATOR_KEY).await;
+        assert_eq!((status, rest.as_str()), (200, ""), "{path}");
+    }
+
     // A cursor of another list is refused, naming it.
     let (_, _, inst_page) = app
         .api_json("/v1/institutions/100/events?limit=1", OPERATOR_KEY)

@@ -224,7 +224,7 @@ async fn read_chunk(
         Source::All => {
             let events = store
                 .read_all(ReadAll {
-                    from: after + 1,
+                    from: after.saturating_add(1),
                     limit,
                 })
                 .await?;
@@ -233,7 +233,7 @@ async fn read_chunk(
         }
         Source::Institution(streams) => {
             let read = ReadAll {
-                from: after + 1,
+                from: after.saturating_add(1),
                 limit,
             };
             let events = store.read_streams(streams, read).await?;
@@ -259,7 +259,7 @@ async fn read_raw_chunk(
     match source {
         Source::All => {
             let read = ReadAll {
-                from: after + 1,
+                from: after.saturating_add(1),
                 limit,
             };
             let events = store.read_all_raw(read, buf).await?;
@@ -268,7 +268,7 @@ async fn read_raw_chunk(
         }
         Source::Institution(streams) => {
             let read = ReadAll {
-                from: after + 1,
+                from: after.saturating_add(1),
                 limit,
             };
             let events = store.read_streams_raw(streams, read, buf).await?;
