@@ -100,7 +100,7 @@ impl SigningKey {
             .trim()
             .parse()
             .map_err(|_| SignatureError::BadTimestamp)?;
-        if (now - ts).abs() > TOLERANCE_SECS {
+        if now.abs_diff(ts) > TOLERANCE_SECS.unsigned_abs() {
             return Err(SignatureError::StaleTimestamp);
         }
         let expected = self.mac(id, ts_text.trim(), body);
@@ -184,6 +184,16 @@ mod tests {
             key.verify(headers("id1", "soon", &sig), b"{}", 1000),
             Err(SignatureError::BadTimestamp)
         );
+        // Timestamps at the ends of i64 are stale, not an overflow.
+        for ts in [i64::MIN, i64::MAX] {
+            let text = ts.to_string();
+            let sig = key.sign("id1", ts, b"{}");
+            assert_eq!(
+                key.verify(headers("id1", &text, &sig), b"{}", 1000),
+                Err(SignatureError::StaleTimestamp),
+                "{ts}"
+            );
+        }
         let missing = SignedHeaders {
             id: Some("id1"),
             timestamp: Some("1000"),
