@@ -39,7 +39,7 @@ use crate::plan::{
 };
 use crate::readstore::{
     ApplyBatch, CheckpointKey, DeadLetter, FinalLoad, LeaseHolder, ReadStore, ReadStoreError,
-    Snapshot,
+    Snapshot, lease_ms,
 };
 use crate::sqlite::{SNAPSHOT_TABLES, courses_json, from_sql_id, sql_id, sql_position, sql_time};
 
@@ -55,8 +55,6 @@ const MIGRATION_LOCK: i64 = 0x7472_6163_6b65_7201;
 const DROP_LOCK_TIMEOUT: &str = "2s";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest lease accepted (PostgreSQL intervals are bounded).
-const MAX_LEASE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Always run first, idempotent: the table that versions everything else.
 const BOOTSTRAP: &str = r#"
@@ -247,10 +245,6 @@ fn pg(context: &'static str) -> impl Fn(tokio_postgres::Error) -> ReadStoreError
 /// that LEAST/GREATEST pick the same rows and the snapshot renders the same.
 fn pg_time(t: DateTime<Utc>) -> DateTime<Utc> {
     t.trunc_subsecs(0)
-}
-
-fn ttl_ms(ttl: Duration) -> i64 {
-    i64::try_from(ttl.min(MAX_LEASE).as_millis()).unwrap_or(i64::MAX)
 }
 
 /// The schema of a generation. Generation names are made here (`g<n>`), but
@@ -1836,7 +1830,7 @@ impl ReadStore for PgReadStore {
                      SET expires_at = clock_timestamp() + $3::bigint * interval '1 millisecond'
                      WHERE name = $1 AND holder = $2 AND expires_at > clock_timestamp()"
                 ),
-                &[&key_text, &holder.0, &ttl_ms(*ttl)],
+                &[&key_text, &holder.0, &lease_ms(*ttl)],
             )
             .await
             .map_err(pg("renewing the lease"))?;
@@ -1990,7 +1984,7 @@ impl ReadStore for PgReadStore {
             .await
             .map_err(pg("taking a lease"))?;
         let changed = client
-            .execute(&stmt, &[&name, &holder.0, &ttl_ms(ttl)])
+            .execute(&stmt, &[&name, &holder.0, &lease_ms(ttl)])
             .await
             .map_err(pg("taking a lease"))?;
         Ok(changed == 1)
@@ -2025,7 +2019,10 @@ impl ReadStore for PgReadStore {
             .query(&stmt, &[])
             .await
             .map_err(pg("listing leases"))?;
-        Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        rows.iter()
+            .map(|r| r.try_get::<_, String>(0))
+            .collect::<Result<_, _>>()
+            .map_err(pg("listing leases"))
     }
 
     async fn checkpoints(&self) -> Result<Vec<(String, Position)>, ReadStoreError> {

@@ -250,3 +250,12 @@ pub trait ReadStore: Send + Sync + fmt::Debug {
     /// than the one it replaces.
     async fn switch_to(&self, generation: &str) -> Result<(), ReadStoreError>;
 }
+
+/// Longest lease kept: ten years (PostgreSQL intervals are bounded, and
+/// expiry times are milliseconds in an i64).
+const MAX_LEASE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// A lease's length in milliseconds, at most [`MAX_LEASE`].
+pub(crate) fn lease_ms(ttl: Duration) -> i64 {
+    i64::try_from(ttl.min(MAX_LEASE).as_millis()).unwrap_or(i64::MAX)
+}

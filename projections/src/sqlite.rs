@@ -28,7 +28,7 @@ use crate::model::Completion;
 use crate::plan::{MembershipKeys, Plan, ProjectionKind, membership_keys, plan, sorted};
 use crate::readstore::{
     ApplyBatch, CheckpointKey, DeadLetter, FinalLoad, LeaseHolder, ReadStore, ReadStoreError,
-    Snapshot,
+    Snapshot, lease_ms,
 };
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1535,7 +1535,7 @@ fn apply_blocking(
         let renewed = tx
             .execute(
                 "UPDATE leases SET expires_at = ?1 WHERE name = ?2 AND holder = ?3 AND expires_at > ?4",
-                params![now + ttl.as_millis() as i64, key_text, holder.0, now],
+                params![now.saturating_add(lease_ms(*ttl)), key_text, holder.0, now],
             )
             .map_err(storage)?;
         if renewed != 1 {
@@ -1707,7 +1707,7 @@ impl ReadStore for SqliteReadStore {
                     "INSERT INTO leases (name, holder, expires_at) VALUES (?1, ?2, ?3)
                      ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
                      WHERE leases.holder = excluded.holder OR leases.expires_at <= ?4",
-                    params![name, holder, now + ttl.as_millis() as i64, now],
+                    params![name, holder, now.saturating_add(lease_ms(ttl)), now],
                 )
                 .map_err(storage)?;
             Ok(changed == 1)

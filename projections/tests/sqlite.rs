@@ -434,6 +434,33 @@ async fn on_error_stop_halts_before_the_bad_event() {
     assert_eq!(env.read.dead_letter_count().await.unwrap(), 0);
 }
 
+/// A lease as long as `Duration` allows is kept (ten years at most), not
+/// wrapped into one already expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_lease_holds() {
+    let env = env();
+    let name = CheckpointKey::whole(ProjectionKind::Learners).to_string();
+    let (a, b) = (LeaseHolder::new_random(), LeaseHolder::new_random());
+    assert!(
+        env.read
+            .acquire_lease(&name, &a, Duration::MAX)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !env.read
+            .acquire_lease(&name, &b, Duration::from_secs(1))
+            .await
+            .unwrap()
+    );
+    assert!(
+        env.read
+            .acquire_lease(&name, &a, Duration::MAX)
+            .await
+            .unwrap()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_keeps_a_second_projector_out() {
     let env = env();
