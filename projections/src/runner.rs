@@ -84,6 +84,10 @@ pub enum RunnerError {
         position: Position,
         error: String,
     },
+    /// The runner's task ended without an answer (it panicked or was
+    /// cancelled): the projection no longer advances in this process.
+    #[error("projection {key} failed: {error}")]
+    Failed { key: String, error: String },
 }
 
 /// One projection (one checkpoint key) kept up to date.

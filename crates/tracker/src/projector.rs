@@ -85,8 +85,11 @@ impl Projector {
         self.decode.stats().await
     }
 
-    /// Resolves when a runner ends on its own (a halt under
-    /// `on_error = "stop"`), with what it said.
+    /// Resolves when a runner ends on its own: a halt under
+    /// `on_error = "stop"` with what it said, a runner whose task failed
+    /// (a panic) as [`RunnerError::Failed`], so that the process ends
+    /// and its supervisor restarts it rather than serve a projection that
+    /// no longer advances.
     pub async fn halted(&mut self) -> Result<(), RunnerError> {
         loop {
             if self.tasks.is_empty() {
@@ -101,7 +104,12 @@ impl Projector {
             match result {
                 Ok(Ok(())) => tracing::info!(%key, "projection stopped"),
                 Ok(Err(e)) => return Err(e),
-                Err(e) => tracing::error!(%key, error = %e, "projection task failed"),
+                Err(e) => {
+                    return Err(RunnerError::Failed {
+                        key,
+                        error: e.to_string(),
+                    });
+                }
             }
         }
     }
@@ -160,6 +168,27 @@ mod tests {
             .append(&parsed.stream(), ExpectedRevision::Any, vec![event])
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_runner_that_panics_ends_the_projector_with_an_error() {
+        let (shutdown, _) = watch::channel(false);
+        let calm: JoinHandle<Result<(), RunnerError>> =
+            tokio::spawn(std::future::pending::<Result<(), RunnerError>>());
+        let panics: JoinHandle<Result<(), RunnerError>> =
+            tokio::spawn(async { panic!("a bug in the runner") });
+        let mut projector = Projector {
+            shutdown,
+            tasks: vec![("institutions".into(), calm), ("learners".into(), panics)],
+            decode: Arc::new(SharedDecode::new(2, 2)),
+        };
+        match projector.halted().await {
+            Err(RunnerError::Failed { key, error }) => {
+                assert_eq!(key, "learners");
+                assert!(error.contains("panic"), "{error}");
+            }
+            other => panic!("expected the failed runner, got {other:?}"),
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
