@@ -88,40 +88,78 @@ fn next_random(state: &mut u64) -> u64 {
     *state
 }
 
+/// The two projections' checkpoints, lower first (0 for one without any).
+async fn checkpoints(read: &SqliteReadStore) -> (u64, u64) {
+    read.follow_current().await.unwrap();
+    let cps = read.checkpoints().await.unwrap();
+    let get = |kind: &str| cps.iter().find(|(k, _)| k == kind).map_or(0, |(_, p)| *p);
+    let (a, b) = (get("institutions"), get("learners"));
+    (a.min(b), a.max(b))
+}
+
+/// Projectors killed (SIGKILL) while catching up, at random points of their
+/// progress, then a last one run to the end: the read models equal a fresh
+/// replay. Small batches and a short lease make many commits to land
+/// between and let each round's projector take over from the killed one.
+/// `TRACKER_TEST_KILL_SEED` replays a printed schedule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projector_killed_at_random_points_ends_equal_to_a_fresh_replay() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let head = seed_events(&data, many_bodies(4000)).await;
     assert_eq!(head, 4000);
+    let project = |batch: &str| {
+        let mut cmd = tracker_command(&["project"], &data);
+        cmd.env("TRACKER_PROJECTOR_BATCH_SIZE", batch)
+            .env("TRACKER_PROJECTOR_LEASE_TTL_SECS", "1");
+        cmd
+    };
+    let read = SqliteReadStore::open(data.join("readmodels")).unwrap();
 
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
+    let seed = std::env::var("TRACKER_TEST_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
         | 1;
-    eprintln!("kill schedule seed: {seed}");
+    eprintln!("kill schedule seed (TRACKER_TEST_KILL_SEED): {seed}");
     let mut rng = seed;
+    let mut killed_at = Vec::new();
     for round in 0..5 {
         // Sometimes two projectors at once: the lease keeps one waiting.
         let count = if round % 2 == 0 { 2 } else { 1 };
         let mut children: Vec<_> = (0..count)
             .map(|_| {
-                tracker_command(&["project"], &data)
+                project("25")
                     .stdout(std::process::Stdio::null())
                     .spawn()
                     .unwrap()
             })
             .collect();
-        let delay = 50 + next_random(&mut rng) % 400;
-        tokio::time::sleep(Duration::from_millis(delay)).await;
+        // Kill once either projection has gone 1 to 600 events further.
+        let target = checkpoints(&read).await.1 + 1 + next_random(&mut rng) % 600;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while checkpoints(&read).await.1 < target {
+            assert!(Instant::now() < deadline, "no progress towards {target}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         for child in &mut children {
             child.kill().unwrap();
             child.wait().unwrap();
         }
+        killed_at.push(checkpoints(&read).await);
     }
+    eprintln!("checkpoints at each kill: {killed_at:?}");
+    assert!(
+        killed_at.iter().all(|&(_, fastest)| fastest < head),
+        "a round caught up before its kill: {killed_at:?}"
+    );
 
-    let mut last = tracker_command(&["project"], &data)
+    let mut last = project("20000")
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -130,7 +168,6 @@ async fn projector_killed_at_random_points_ends_equal_to_a_fresh_replay() {
     let stdout = last.stdout.take().unwrap();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
     assert!(line.starts_with("projector running"), "{line:?}");
-    let read = SqliteReadStore::open(data.join("readmodels")).unwrap();
     wait_for_checkpoints(&read, head).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(last.id() as i32),
