@@ -79,8 +79,54 @@ async fn sigkill_right_after_acks_loses_nothing() {
     }
 }
 
+/// A request whose body is still arriving when SIGTERM comes is received
+/// to its end, answered 200, and its event is on disk after the exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_finishes_in_flight_requests() {
+async fn sigterm_finishes_a_request_in_flight() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let toml = config(TOKEN);
+    let mut tracker = ChildTracker::start(&data, Some(&toml));
+    let body = completion(3, 77, 9, "2024-07-01 08:00:00");
+    let (head, tail) = body.as_bytes().split_at(body.len() / 2);
+
+    let mut conn = tokio::net::TcpStream::connect(tracker.addr).await.unwrap();
+    let request = format!(
+        "POST /webhooks/toolzz/{TOKEN} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        tracker.addr,
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    conn.write_all(head).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tracker.sigterm();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        tracker.child.try_wait().unwrap().is_none(),
+        "the tracker exited with a request in flight"
+    );
+    conn.write_all(tail).await.unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let json: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+
+    let status = tokio::task::spawn_blocking(move || tracker.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "graceful exit, got {status:?}");
+    let events = events_on_disk(&data).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(json["event_id"], events[0].id.to_string());
+}
+
+/// Webhooks arriving in a burst while SIGTERM comes: some are answered,
+/// the rest refused, and every answered one is on disk after the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_keeps_every_acknowledged_event() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let toml = config(TOKEN);

@@ -202,6 +202,49 @@ async fn queued_appends_finish_on_close_and_are_durable() {
     );
 }
 
+/// Appends already queued when `close` is called are committed and
+/// acknowledged, not refused: an outside writer holds the lock so that all
+/// of them are waiting in the queue when the store is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_queued_before_close_are_committed() {
+    let (dir, store) = temp_store();
+    let blocker = Connection::open(dir.path().join("events.sqlite")).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let tasks: Vec<_> = (0..50)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .append(
+                        &format!("s{}", n % 3),
+                        ExpectedRevision::Any,
+                        vec![simple(n)],
+                    )
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let closing = tokio::spawn({
+        let store = store.clone();
+        async move { store.close().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!closing.is_finished(), "close waits for the queued appends");
+    blocker.execute_batch("ROLLBACK").unwrap();
+    closing.await.unwrap().unwrap();
+    let mut acknowledged = BTreeSet::new();
+    for (n, task) in (0..50).zip(tasks) {
+        task.await.unwrap().unwrap();
+        acknowledged.insert(id(n));
+    }
+    drop(store);
+
+    let store = SqliteEventStore::open(dir.path().join("events.sqlite")).unwrap();
+    let recorded: BTreeSet<_> = everything(&store).await.into_iter().map(|e| e.id).collect();
+    assert_eq!(recorded, acknowledged);
+}
+
 #[tokio::test]
 async fn subscription_ends_when_the_store_is_closed() {
     let (_dir, store) = temp_store();
