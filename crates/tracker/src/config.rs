@@ -505,7 +505,11 @@ mod tests {
                 "TRACKER_SOURCES",
                 r#"[{id="a",token="0123456789abcdef",institutions=[0]}]"#,
             );
-            assert!(Config::load(None, &Overrides::default()).is_err());
+            let e = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(
+                e.to_string().contains("institutions: ids are positive"),
+                "{e}"
+            );
             Ok(())
         });
     }

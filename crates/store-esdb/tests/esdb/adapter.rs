@@ -464,6 +464,7 @@ async fn the_filter_keeps_other_trackers_and_applications_out() {
     let next = take(&mut sub, 1).await;
     assert_eq!((next[0].position, next[0].id), (13, id(50)));
     let resumed = &node.subscription_starts()[starts_before..];
+    assert!(!resumed.is_empty(), "the subscription did not resume");
     assert!(
         resumed.iter().all(|&start| start > last_of_ours + 1_000),
         "resubscriptions started at {resumed:?}, our last event is at {last_of_ours}"
@@ -607,12 +608,21 @@ async fn bad_settings_are_store_errors_that_keep_the_password_secret() {
             other => panic!("{url}: expected a storage error, got {other:?}"),
         }
     }
+    // Against a server that answers, so only the prefix can be refused.
+    let node = node().await;
     for prefix in ["", "$tracker-"] {
-        let refused =
-            EsdbEventStore::connect("esdb://localhost:2113", EsdbOptions::with_prefix(prefix))
-                .await;
-        assert!(matches!(refused, Err(StoreError::Storage(_))), "{prefix:?}");
+        match EsdbEventStore::connect(&node.url(), options(prefix)).await {
+            Err(StoreError::Storage(message)) => {
+                assert!(message.contains("stream_prefix"), "{prefix:?}: {message}");
+            }
+            other => panic!("{prefix:?}: expected a refused prefix, got {other:?}"),
+        }
     }
+    let valid = EsdbEventStore::connect(&node.url(), options(&unique_prefix())).await;
+    assert!(
+        valid.is_ok(),
+        "a valid prefix on the same server: {valid:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
