@@ -761,8 +761,10 @@ proptest! {
     }
 }
 
+/// Eight stores opened at once, each with connections of its own (threads
+/// here; processes lock the same files the same way).
 #[test]
-fn processes_opening_a_new_read_store_together_agree_on_one_generation() {
+fn stores_opening_a_new_read_store_together_agree_on_one_generation() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("readmodels");
     let barrier = Arc::new(std::sync::Barrier::new(8));

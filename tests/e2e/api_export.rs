@@ -1,5 +1,5 @@
 //! A large NDJSON export streams chunk by chunk: a reader that stops
-//! reading holds the export back (constant memory, whatever the range),
+//! reading holds the export back (what it holds does not grow with the range),
 //! and reading on yields every event of the range once, in order.
 
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use crate::support::*;
 const EVENTS: u64 = 50_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_export_streams_in_constant_memory() {
+async fn a_large_export_is_held_back_by_a_reader_that_stops() {
     let app = TestApp::spawn_with_options(
         |c| c.api_keys = api_keys(),
         StartOptions {

@@ -1,6 +1,6 @@
 //! The whole event log over the query API (`GET /v1/events`), for
 //! operators: every event exactly as recorded, in position order, as pages
-//! or one NDJSON stream that runs in constant memory and can be resumed.
+//! or one NDJSON stream held back by a reader that stops, and resumable.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -349,7 +349,7 @@ async fn bad_parameters_are_refused_naming_the_field() {
 const EVENTS: u64 = 50_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_whole_log_export_streams_in_constant_memory() {
+async fn a_whole_log_export_is_held_back_by_a_reader_that_stops() {
     // 50,000 events of 50 institutions, appended before the tracker starts.
     let seeded = tempfile::tempdir().unwrap();
     let bodies = (0..EVENTS)
