@@ -182,7 +182,8 @@ mod tests {
             tasks: vec![("institutions".into(), calm), ("learners".into(), panics)],
             decode: Arc::new(SharedDecode::new(2, 2)),
         };
-        match projector.halted().await {
+        let halted = tokio::time::timeout(Duration::from_secs(10), projector.halted()).await;
+        match halted.expect("halted() answers once a runner failed") {
             Err(RunnerError::Failed { key, error }) => {
                 assert_eq!(key, "learners");
                 assert!(error.contains("panic"), "{error}");
