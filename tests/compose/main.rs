@@ -144,6 +144,28 @@ fn the_file_describes_the_multi_process_system() {
     assert_eq!(tracker_services(&c).len(), 3);
 }
 
+/// Replicas of `serve` must share their webhook sources and query API keys:
+/// a `serve` without them makes development ones in its own data directory,
+/// different on each replica.
+#[test]
+fn every_receiver_is_given_its_sources_and_api_keys() {
+    let c = compose();
+    let receivers: Vec<_> = tracker_services(&c)
+        .into_iter()
+        .filter(|s| s.command.first().map(String::as_str) == Some("serve"))
+        .collect();
+    assert!(!receivers.is_empty());
+    for service in receivers {
+        for setting in ["TRACKER_SOURCES", "TRACKER_API_KEYS"] {
+            assert!(
+                service.environment.contains_key(setting),
+                "{}: no {setting}",
+                service.name
+            );
+        }
+    }
+}
+
 #[test]
 fn every_command_is_a_real_subcommand_with_real_flags() {
     let _cwd = working_directory();
