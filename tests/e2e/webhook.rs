@@ -48,6 +48,13 @@ async fn accepts_dedups_and_keeps_other_slugs() {
     assert_eq!(status, 200, "{multi}");
     assert_eq!(multi["position"], 4);
 
+    // Another slug is never refused for its data: one naming no institution
+    // (from a source for every institution), with a string user id, is kept.
+    let unscoped = r#"{"event":{"slug":"members.created"},"data":{"user":{"id":"77"}}}"#;
+    let (status, kept) = app.post(TOKEN, unscoped).await;
+    assert_eq!(status, 200, "{kept}");
+    assert_eq!(kept["position"], 5);
+
     let events = app.events().await;
     let summary: Vec<(u64, &str, &str)> = events
         .iter()
@@ -60,6 +67,7 @@ async fn accepts_dedups_and_keeps_other_slugs() {
             (2, "TrailCompleted", "learner-12345-123456798"),
             (3, "activities.course.completed", "learner-4401-90017"),
             (4, "TrailCompleted", "learner-4401-90017"),
+            (5, "members.created", "no-institution"),
         ]
     );
     assert_eq!(events[0].id.to_string(), event_id);
@@ -173,12 +181,20 @@ async fn refusals_are_typed_and_store_nothing() {
             Some("data.user.email"),
         ),
         (
-            TOKEN,
+            LIMITED_TOKEN,
             r#"{"event":{"slug":"members.created"},"data":{"user":{"id":1}}}"#.into(),
             Some("application/json"),
+            403,
+            "forbidden_institution",
+            Some("data.institution.id"),
+        ),
+        (
+            TOKEN,
+            r#"{"event":{"slug":"TrailCompleted"},"data":{"institution":{"id":1}}}"#.into(),
+            Some("application/json"),
             422,
-            "missing_field",
-            Some("data.institution"),
+            "invalid_slug",
+            Some("event.slug"),
         ),
         (
             TOKEN,
@@ -278,9 +294,11 @@ async fn refusals_are_typed_and_store_nothing() {
     let too_large = rows.iter().find(|r| r.record.status == 413).unwrap();
     assert!(too_large.record.body_truncated);
     assert!(too_large.record.body.len() <= 64 * 1024);
-    let forbidden = rows.iter().find(|r| r.record.status == 403).unwrap();
+    let forbidden = rows
+        .iter()
+        .find(|r| r.record.status == 403 && r.record.body == MULTI.as_bytes())
+        .unwrap();
     assert_eq!(forbidden.record.source_id.as_deref(), Some("limited"));
-    assert_eq!(forbidden.record.body, MULTI.as_bytes());
     let unknown = rows
         .iter()
         .find(|r| r.record.status == 401 && r.record.source_id.is_none())

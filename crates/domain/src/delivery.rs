@@ -120,9 +120,10 @@ impl ParsedDelivery {
         }
     }
 
-    pub fn institution_id(&self) -> InstitutionId {
+    /// The institution the delivery is for; another slug may name none.
+    pub fn institution_id(&self) -> Option<InstitutionId> {
         match &self.delivery {
-            Delivery::TrailCompleted(e) => e.institution_id,
+            Delivery::TrailCompleted(e) => Some(e.institution_id),
             Delivery::Other(e) => e.institution_id,
         }
     }
@@ -158,21 +159,18 @@ pub fn parse_delivery(body: &[u8], zone: &SourceTimeZone) -> Result<ParsedDelive
     let slug = event.string("slug")?;
     check_slug(slug, &event.path("slug"))?;
     let data = root.object("data")?;
-    let institution_id: InstitutionId =
-        data.object("institution")?.id("id", InstitutionId::parse)?;
 
     let delivery = if slug == TrailCompleted::SLUG {
+        let institution_id = data.object("institution")?.id("id", InstitutionId::parse)?;
         Delivery::TrailCompleted(parse_trail_completed(institution_id, &event, &data, zone)?)
     } else {
-        let user_id = match data.optional_object("user")? {
-            Some(user) if user.has("id") => Some(user.id("id", UserId::parse)?),
-            _ => None,
-        };
+        // Never refused for the shape of its data: the institution and the
+        // learner are taken where they can be read, else left out.
         let data_value = root.get("data").unwrap_or(&Value::Null);
         Delivery::Other(OtherEvent {
             slug: slug.to_owned(),
-            institution_id,
-            user_id,
+            institution_id: lenient_id(data_value, "institution", InstitutionId::parse),
+            user_id: lenient_id(data_value, "user", UserId::parse),
             data_digest: Sha256::digest(canonical_json(data_value).as_bytes()).into(),
         })
     };
@@ -226,8 +224,27 @@ fn parse_trail_completed(
     })
 }
 
-/// Slugs name event types and streams: keep them to printable ASCII words.
+/// `data.<object>.id` of another slug, if it reads as an id: a positive
+/// number, or a string of digits (some slugs write their ids as strings).
+fn lenient_id<T>(data: &Value, object: &str, parse: fn(&Value) -> Result<T, IdError>) -> Option<T> {
+    match data.get(object)?.get("id")? {
+        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            parse(&Value::from(s.parse::<u64>().ok()?)).ok()
+        }
+        other => parse(other).ok(),
+    }
+}
+
+/// Slugs name event types and streams: keep them to printable ASCII words,
+/// and never the name of a type this tracker records itself.
 fn check_slug(slug: &str, field: &str) -> Result<(), DeliveryError> {
+    if slug == TrailCompleted::EVENT_TYPE {
+        return Err(invalid(
+            ErrorCode::InvalidSlug,
+            field,
+            format!("{slug:?} is the name of a recorded event type, not a slug"),
+        ));
+    }
     let ok = !slug.is_empty()
         && slug.len() <= 128
         && slug
@@ -292,10 +309,6 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn has(&self, key: &str) -> bool {
-        self.map.get(key).is_some_and(|v| !v.is_null())
-    }
-
     fn get(&self, key: &str) -> Option<&'a Value> {
         self.map.get(key)
     }
@@ -326,14 +339,6 @@ impl<'a> Obj<'a> {
                 path: self.path(key),
             }),
             other => Err(self.wrong_type(key, "an object", other)),
-        }
-    }
-
-    fn optional_object(&self, key: &str) -> Result<Option<Obj<'a>>, DeliveryError> {
-        if self.has(key) {
-            self.object(key).map(Some)
-        } else {
-            Ok(None)
         }
     }
 
@@ -522,12 +527,12 @@ mod tests {
     }
 
     #[test]
-    fn other_slugs_need_only_the_envelope() {
+    fn other_slugs_are_kept_on_their_learner_or_institution_stream() {
         let p = parse(OTHER).unwrap();
         match &p.delivery {
             Delivery::Other(o) => {
                 assert_eq!(o.slug, "activities.course.completed");
-                assert_eq!(o.institution_id.get(), 4401);
+                assert_eq!(o.institution_id.map(InstitutionId::get), Some(4401));
                 assert_eq!(o.user_id.map(UserId::get), Some(90017));
             }
             other => panic!("{other:?}"),
@@ -774,11 +779,51 @@ mod tests {
     }
 
     #[test]
-    fn other_slugs_still_need_a_valid_envelope() {
-        let missing = parse(r#"{"event":{"slug":"members.created"},"data":{}}"#).unwrap_err();
-        assert_eq!(missing.field(), Some("data.institution"));
-        let bad_user = parse(r#"{"event":{"slug":"members.created"},"data":{"institution":{"id":1},"user":{"id":"x"}}}"#).unwrap_err();
-        assert_eq!(bad_user.field(), Some("data.user.id"));
+    fn other_slugs_need_only_the_envelope() {
+        let other = |data: &str| {
+            let body = format!(r#"{{"event":{{"slug":"members.created"}},"data":{data}}}"#);
+            let p = parse(&body).unwrap_or_else(|e| panic!("{data}: {e:?}"));
+            (
+                p.institution_id().map(InstitutionId::get),
+                match &p.delivery {
+                    Delivery::Other(e) => e.user_id.map(UserId::get),
+                    Delivery::TrailCompleted(_) => panic!("{data}: a trail completion"),
+                },
+                p.stream(),
+            )
+        };
+        assert_eq!(other("{}"), (None, None, "no-institution".into()));
+        assert_eq!(
+            other(r#"{"user":{"id":7}}"#),
+            (None, Some(7), "no-institution".into())
+        );
+        assert_eq!(
+            other(r#"{"institution":{"id":"12"},"user":{"id":"x"}}"#),
+            (Some(12), None, "institution-12".into())
+        );
+        assert_eq!(
+            other(r#"{"institution":{"id":12},"user":{"id":"0034"}}"#),
+            (Some(12), Some(34), "learner-12-34".into())
+        );
+        assert_eq!(
+            other(r#"{"institution":[{"id":1}],"user":{"id":-1}}"#),
+            (None, None, "no-institution".into())
+        );
+        // The envelope itself is still checked.
+        let no_data = parse(r#"{"event":{"slug":"members.created"}}"#).unwrap_err();
+        assert_eq!(no_data.field(), Some("data"));
+        let no_slug = parse(r#"{"event":{},"data":{}}"#).unwrap_err();
+        assert_eq!(no_slug.field(), Some("event.slug"));
+    }
+
+    #[test]
+    fn a_slug_may_not_take_a_recorded_event_type() {
+        let body = r#"{"event":{"slug":"TrailCompleted"},"data":{"institution":{"id":1}}}"#;
+        let e = parse(body).unwrap_err();
+        assert_eq!(
+            (e.code(), e.field()),
+            (ErrorCode::InvalidSlug, Some("event.slug"))
+        );
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub fn learner_streams_prefix(institution: InstitutionId) -> String {
     format!("learner-{institution}-")
 }
 
+/// The stream of deliveries of other slugs that name no institution: no
+/// institution's history holds them, the whole log does.
+pub const NO_INSTITUTION_STREAM: &str = "no-institution";
+
 /// The stream of an institution's events that name no learner.
 pub fn institution_stream(institution: InstitutionId) -> String {
     format!("institution-{institution}")
@@ -151,7 +155,8 @@ impl TrailCompleted {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OtherEvent {
     pub slug: String,
-    pub institution_id: InstitutionId,
+    /// `data.institution.id` where it reads as an id.
+    pub institution_id: Option<InstitutionId>,
     pub user_id: Option<UserId>,
     /// SHA-256 of the canonical form of `data` (keys sorted, no whitespace).
     pub data_digest: [u8; 32],
@@ -159,7 +164,7 @@ pub struct OtherEvent {
 
 #[derive(Serialize)]
 struct OtherEventV1Out<'a> {
-    institution_id: InstitutionId,
+    institution_id: Option<InstitutionId>,
     user_id: Option<UserId>,
     delivery: &'a RawValue,
 }
@@ -171,15 +176,17 @@ impl OtherEvent {
     /// `data`: a redelivery of the same content is recognised whatever its
     /// `send_at`; a different content is a different event.
     pub fn event_id(&self) -> Uuid {
-        let mut name = format!("{}|{}|", self.slug, self.institution_id).into_bytes();
+        let institution = self.institution_id.map_or(String::new(), |i| i.to_string());
+        let mut name = format!("{}|{institution}|", self.slug).into_bytes();
         name.extend_from_slice(&self.data_digest);
         Uuid::new_v5(&event_id_namespace(), &name)
     }
 
     pub fn stream(&self) -> String {
-        match self.user_id {
-            Some(user) => learner_stream(self.institution_id, user),
-            None => institution_stream(self.institution_id),
+        match (self.institution_id, self.user_id) {
+            (Some(institution), Some(user)) => learner_stream(institution, user),
+            (Some(institution), None) => institution_stream(institution),
+            (None, _) => NO_INSTITUTION_STREAM.to_owned(),
         }
     }
 

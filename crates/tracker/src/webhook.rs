@@ -22,6 +22,7 @@ use tracker_store::delivery_log::DeliveryRecord;
 use tracker_store::{AppendError, EventMetadata, ExpectedRevision, NewEvent};
 use uuid::Uuid;
 
+use crate::config::InstitutionScope;
 use crate::error::ApiError;
 use crate::signature::SignedHeaders;
 use crate::sources::Source;
@@ -201,18 +202,35 @@ async fn accept(
         .with_field(field),
     })?;
 
-    let institution = parsed.institution_id();
-    tracing::Span::current().record("institution", institution.get());
-    if !source.institutions.allows(institution) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden_institution",
-            format!(
-                "source {} may not post for institution {institution}",
-                source.id
-            ),
-        )
-        .with_field("data.institution.id"));
+    match parsed.institution_id() {
+        Some(institution) => {
+            tracing::Span::current().record("institution", institution.get());
+            if !source.institutions.allows(institution) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden_institution",
+                    format!(
+                        "source {} may not post for institution {institution}",
+                        source.id
+                    ),
+                )
+                .with_field("data.institution.id"));
+            }
+        }
+        // Another slug naming no institution: only a source for every
+        // institution may post it, since no institution vouches for it.
+        None if !matches!(source.institutions, InstitutionScope::All) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_institution",
+                format!(
+                    "the delivery names no institution, and source {} may post only for its own",
+                    source.id
+                ),
+            )
+            .with_field("data.institution.id"));
+        }
+        None => {}
     }
 
     let metadata = EventMetadata {
