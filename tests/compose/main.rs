@@ -166,6 +166,22 @@ fn every_receiver_is_given_its_sources_and_api_keys() {
     }
 }
 
+/// What the operator supplies (`${NAME}`) lives in their shell, where a
+/// `TRACKER_*` name would be read, and refused, by every tracker they run.
+#[test]
+fn what_the_operator_supplies_is_not_named_like_a_setting() {
+    let text = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
+    let supplied: Vec<&str> = text
+        .split("${")
+        .skip(1)
+        .map(|rest| rest.split([':', '}']).next().unwrap_or(""))
+        .collect();
+    assert!(!supplied.is_empty());
+    for name in supplied {
+        assert!(!name.starts_with("TRACKER_"), "${{{name}}}");
+    }
+}
+
 #[test]
 fn every_command_is_a_real_subcommand_with_real_flags() {
     let _cwd = working_directory();

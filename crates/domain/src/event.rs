@@ -42,9 +42,16 @@ pub fn learner_streams_prefix(institution: InstitutionId) -> String {
     format!("learner-{institution}-")
 }
 
-/// The stream of deliveries of other slugs that name no institution: no
-/// institution's history holds them, the whole log does.
-pub const NO_INSTITUTION_STREAM: &str = "no-institution";
+/// The stream of another slug's deliveries that name no institution, per
+/// slug and learner (kept short: an EventStoreDB append reads its stream
+/// to find redeliveries). No institution's history holds them; the whole
+/// log does.
+pub fn no_institution_stream(slug: &str, user: Option<UserId>) -> String {
+    match user {
+        Some(user) => format!("no-institution-{slug}-{user}"),
+        None => format!("no-institution-{slug}"),
+    }
+}
 
 /// The stream of an institution's events that name no learner.
 pub fn institution_stream(institution: InstitutionId) -> String {
@@ -170,7 +177,9 @@ struct OtherEventV1Out<'a> {
 }
 
 impl OtherEvent {
-    pub const SCHEMA_VERSION: u32 = 1;
+    /// 2: `institution_id` may be null (in 1 it was always a number; the
+    /// two are otherwise the same, and 1 is still read as 2).
+    pub const SCHEMA_VERSION: u32 = 2;
 
     /// Deterministic id from the slug, the institution and the content of
     /// `data`: a redelivery of the same content is recognised whatever its
@@ -186,7 +195,7 @@ impl OtherEvent {
         match (self.institution_id, self.user_id) {
             (Some(institution), Some(user)) => learner_stream(institution, user),
             (Some(institution), None) => institution_stream(institution),
-            (None, _) => NO_INSTITUTION_STREAM.to_owned(),
+            (None, user) => no_institution_stream(&self.slug, user),
         }
     }
 
