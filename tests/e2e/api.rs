@@ -276,7 +276,7 @@ async fn every_endpoint_answers_the_hand_counted_numbers() {
     assert_eq!(sixth["type"], "activities.course.completed");
     assert_eq!(sixth["stream"], "learner-100-2");
     assert_eq!(sixth["revision"], 1);
-    assert_eq!(sixth["schema_version"], 1);
+    assert_eq!(sixth["schema_version"], 2);
     assert_eq!(sixth["source_id"], "all");
     assert!(
         sixth["content_hash"]

@@ -67,7 +67,7 @@ async fn accepts_dedups_and_keeps_other_slugs() {
             (2, "TrailCompleted", "learner-12345-123456798"),
             (3, "activities.course.completed", "learner-4401-90017"),
             (4, "TrailCompleted", "learner-4401-90017"),
-            (5, "members.created", "no-institution"),
+            (5, "members.created", "no-institution-members.created-77"),
         ]
     );
     assert_eq!(events[0].id.to_string(), event_id);
@@ -94,6 +94,29 @@ async fn accepts_dedups_and_keeps_other_slugs() {
     assert_eq!(multi_data["user"]["name"], "João Conceição da Silva");
     assert_eq!(multi_data["trail"]["courses"].as_array().unwrap().len(), 3);
 
+    app.stop().await;
+}
+
+/// Another slug's institution written as a string is still the source's
+/// to vouch for: a limited source may post its own, not another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_source_is_held_to_its_institutions_however_ids_are_written() {
+    let app = TestApp::spawn().await;
+    let body = |institution: &str| {
+        format!(
+            r#"{{"event":{{"slug":"shop.product.redemption"}},"data":{{"institution":{{"id":{institution}}},"user":{{"id":"5"}}}}}}"#
+        )
+    };
+    let (status, own) = app.post(LIMITED_TOKEN, &body(r#""12345""#)).await;
+    assert_eq!(status, 200, "{own}");
+    for other in [r#""999""#, "999", r#""abc""#, "0"] {
+        let (status, refused) = app.post(LIMITED_TOKEN, &body(other)).await;
+        assert_eq!(status, 403, "{other}: {refused}");
+        assert_eq!(refused["error"]["code"], "forbidden_institution", "{other}");
+    }
+    let events = app.events().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].stream, "learner-12345-5");
     app.stop().await;
 }
 

@@ -3,7 +3,8 @@
 //! The wire shape is `{ "event": { "slug", "send_at", ... }, "data": { ... } }`.
 //! `activities.trail.completed` is parsed strictly into a [`TrailCompleted`];
 //! any other slug is accepted with only its envelope checked (`event.slug`,
-//! `data.institution.id`, and `data.user.id` when present) and kept whole.
+//! an object `data`) and kept whole, with `data.institution.id` and
+//! `data.user.id` where they read as ids (numbers or digit strings).
 //! Every refusal names the JSON path of the offending field.
 
 use serde::Serialize;
@@ -545,6 +546,29 @@ mod tests {
         assert_eq!(p.event_type(), "shop.product.redemption");
     }
 
+    /// Ids already recorded must stay what they were: redeliveries of them
+    /// are recognised by these values (computed by the code before other
+    /// slugs could name no institution).
+    #[test]
+    fn other_slug_ids_and_streams_are_pinned() {
+        let p = parse(OTHER).unwrap();
+        assert_eq!(
+            (p.event_id().to_string(), p.stream()),
+            (
+                "66a58fae-d8f7-5aa9-aca7-f38525fe8e29".into(),
+                "learner-4401-90017".into()
+            )
+        );
+        let p = parse(r#"{"event":{"slug":"shop.product.redemption"},"data":{"institution":{"id":9},"whatever":[1,{"x":null}]}}"#).unwrap();
+        assert_eq!(
+            (p.event_id().to_string(), p.stream()),
+            (
+                "e17d2cd0-f142-5d60-9cc2-19996a805bd8".into(),
+                "institution-9".into()
+            )
+        );
+    }
+
     #[test]
     fn other_slug_ids_follow_content_not_spacing_or_send_at() {
         let a = parse(r#"{"event":{"slug":"members.updated","send_at":"01/02/2024 10:00:00"},"data":{"institution":{"id":9},"user":{"id":5,"name":"A"}}}"#).unwrap();
@@ -792,10 +816,13 @@ mod tests {
                 p.stream(),
             )
         };
-        assert_eq!(other("{}"), (None, None, "no-institution".into()));
+        assert_eq!(
+            other("{}"),
+            (None, None, "no-institution-members.created".into())
+        );
         assert_eq!(
             other(r#"{"user":{"id":7}}"#),
-            (None, Some(7), "no-institution".into())
+            (None, Some(7), "no-institution-members.created-7".into())
         );
         assert_eq!(
             other(r#"{"institution":{"id":"12"},"user":{"id":"x"}}"#),
@@ -807,7 +834,7 @@ mod tests {
         );
         assert_eq!(
             other(r#"{"institution":[{"id":1}],"user":{"id":-1}}"#),
-            (None, None, "no-institution".into())
+            (None, None, "no-institution-members.created".into())
         );
         // The envelope itself is still checked.
         let no_data = parse(r#"{"event":{"slug":"members.created"}}"#).unwrap_err();

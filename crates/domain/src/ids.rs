@@ -1,6 +1,7 @@
 //! The source's numeric identifiers. Each is a positive integer over the full
 //! `u64` range; zero, negatives, fractions and numbers written as strings are
-//! refused where they enter.
+//! refused where they enter (a trail completion; another slug's ids are read
+//! leniently, digit strings included, and left out when unreadable).
 
 use std::fmt;
 use std::num::NonZeroU64;

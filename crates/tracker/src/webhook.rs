@@ -2,10 +2,12 @@
 //! immutable event, answering 2xx only once it is durable.
 //!
 //! Checks run in this order, and the first that fails decides the answer:
-//! method (405), token (401), content type (415), size (413), signature when the source has
-//! one (401), JSON (400), delivery shape (422), institution (403). Every call,
-//! whatever its answer, goes to the delivery log. The token is never logged:
-//! spans and the delivery log name the source by its id.
+//! method (405), token (401), content type (415), size (413), signature when
+//! the source has one (401), JSON (400), delivery shape (422), institution
+//! (403: not the source's, or none named by another slug and the source not
+//! one for every institution). Every call, whatever its answer, goes to the
+//! delivery log. The token is never logged: spans and the delivery log name
+//! the source by its id.
 
 use std::time::Instant;
 
@@ -224,7 +226,8 @@ async fn accept(
                 StatusCode::FORBIDDEN,
                 "forbidden_institution",
                 format!(
-                    "the delivery names no institution, and source {} may post only for its own",
+                    "data.institution.id is absent or not an id, and source {} may post only \
+                     for its own institutions",
                     source.id
                 ),
             )

@@ -325,7 +325,8 @@ pub struct Event {
     /// Global log position (gap-free from 1).
     pub position: u64,
     pub event_id: Uuid,
-    /// `learner-{institution}-{user}` or `institution-{institution}`.
+    /// `learner-{institution}-{user}`, `institution-{institution}`, or, for
+    /// another slug naming no institution, `no-institution-{slug}[-{user}]`.
     pub stream: String,
     /// Revision in the stream, from 0.
     pub revision: u64,
