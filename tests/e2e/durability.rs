@@ -80,47 +80,83 @@ async fn sigkill_right_after_acks_loses_nothing() {
 }
 
 /// A request whose body is still arriving when SIGTERM comes is received
-/// to its end, answered 200, and its event is on disk after the exit.
+/// to its end, answered 200, and its event is on disk after the exit. A
+/// first request on the same keep-alive connection makes sure the tracker
+/// has accepted it before the signal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_a_request_in_flight() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let toml = config(TOKEN);
     let mut tracker = ChildTracker::start(&data, Some(&toml));
-    let body = completion(3, 77, 9, "2024-07-01 08:00:00");
-    let (head, tail) = body.as_bytes().split_at(body.len() / 2);
-
+    let head = |len: usize, close: bool| {
+        format!(
+            "POST /webhooks/toolzz/{TOKEN} HTTP/1.1\r\nhost: {}\r\n\
+             content-type: application/json\r\ncontent-length: {len}\r\n{}\r\n",
+            tracker.addr,
+            if close { "connection: close\r\n" } else { "" }
+        )
+    };
     let mut conn = tokio::net::TcpStream::connect(tracker.addr).await.unwrap();
-    let request = format!(
-        "POST /webhooks/toolzz/{TOKEN} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n",
-        tracker.addr,
-        body.len()
-    );
-    conn.write_all(request.as_bytes()).await.unwrap();
-    conn.write_all(head).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let first = completion(3, 76, 9, "2024-07-01 08:00:00");
+    conn.write_all(head(first.len(), false).as_bytes())
+        .await
+        .unwrap();
+    conn.write_all(first.as_bytes()).await.unwrap();
+    let (status, _) = read_answer(&mut conn).await;
+    assert_eq!(status, 200);
+
+    let body = completion(3, 77, 9, "2024-07-01 08:00:00");
+    let (part, rest) = body.as_bytes().split_at(body.len() / 2);
+    conn.write_all(head(body.len(), true).as_bytes())
+        .await
+        .unwrap();
+    conn.write_all(part).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
     tracker.sigterm();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         tracker.child.try_wait().unwrap().is_none(),
         "the tracker exited with a request in flight"
     );
-    conn.write_all(tail).await.unwrap();
-    let mut answer = String::new();
-    conn.read_to_string(&mut answer).await.unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let json: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    conn.write_all(rest).await.unwrap();
+    let (status, answer) = read_answer(&mut conn).await;
+    assert_eq!(status, 200, "{answer}");
 
-    let status = tokio::task::spawn_blocking(move || tracker.child.wait().unwrap())
+    let exit = tokio::task::spawn_blocking(move || tracker.child.wait().unwrap())
         .await
         .unwrap();
-    assert!(status.success(), "graceful exit, got {status:?}");
+    assert!(exit.success(), "graceful exit, got {exit:?}");
     let events = events_on_disk(&data).await;
-    assert_eq!(events.len(), 1);
-    assert_eq!(json["event_id"], events[0].id.to_string());
+    assert_eq!(events.len(), 2);
+    assert_eq!(answer["event_id"], events[1].id.to_string());
+}
+
+/// One HTTP/1.1 answer with a `content-length`: its status and JSON body.
+async fn read_answer(conn: &mut tokio::net::TcpStream) -> (u16, Value) {
+    use tokio::io::AsyncReadExt;
+
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        assert_eq!(conn.read(&mut byte).await.unwrap(), 1, "connection closed");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap();
+    let status = head[9..12].parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().unwrap())
+        })
+        .unwrap();
+    let mut body = vec![0; len];
+    conn.read_exact(&mut body).await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap())
 }
 
 /// Webhooks arriving in a burst while SIGTERM comes: some are answered,

@@ -140,8 +140,8 @@ async fn projector_killed_at_random_points_ends_equal_to_a_fresh_replay() {
                     .unwrap()
             })
             .collect();
-        // Kill once either projection has gone 1 to 600 events further.
-        let target = checkpoints(&read).await.1 + 1 + next_random(&mut rng) % 600;
+        // Kill once either projection has gone 1 to 400 events further.
+        let target = checkpoints(&read).await.1 + 1 + next_random(&mut rng) % 400;
         let deadline = Instant::now() + Duration::from_secs(30);
         while checkpoints(&read).await.1 < target {
             assert!(Instant::now() < deadline, "no progress towards {target}");
