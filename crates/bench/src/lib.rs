@@ -1275,6 +1275,16 @@ mod tests {
         assert_eq!(l.projected_per_sec_under_load, Some(800.0));
     }
 
+    /// A server without `GET /openapi.json` (a tracker from before the
+    /// query API; here the in-bench ceiling server) has no API, so the
+    /// query and export phases are skipped rather than failed.
+    #[tokio::test]
+    async fn a_server_without_openapi_has_no_api() {
+        let server = ceiling::Ceiling::start(1).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!has_api(&Target::new(server.addr)).await);
+        server.stop().await;
+    }
+
     #[test]
     fn parses_checkpoints_and_head_from_metrics() {
         let text = "# TYPE x gauge\ntracker_event_store_head_position 120\n\
