@@ -13,6 +13,37 @@ fn simple(n: u64) -> NewEvent {
     event(n, &format!("{{\"n\":{n}}}"))
 }
 
+/// An outside writer holding the lock, and `n` appends (to three streams)
+/// sent meanwhile: the first blocks the writer thread, the others pile up
+/// in its queue. Roll the returned connection back to let them through.
+async fn appends_behind_a_held_lock(
+    dir: &tempfile::TempDir,
+    store: &SqliteEventStore,
+    n: u64,
+) -> (
+    Connection,
+    Vec<tokio::task::JoinHandle<Result<AppendOutcome, AppendError>>>,
+) {
+    let blocker = Connection::open(dir.path().join("events.sqlite")).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let tasks = (0..n)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .append(
+                        &format!("s{}", n % 3),
+                        ExpectedRevision::Any,
+                        vec![simple(n)],
+                    )
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    (blocker, tasks)
+}
+
 fn temp_store() -> (tempfile::TempDir, SqliteEventStore) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteEventStore::open(dir.path().join("events.sqlite")).unwrap();
@@ -208,23 +239,7 @@ async fn queued_appends_finish_on_close_and_are_durable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_queued_before_close_are_committed() {
     let (dir, store) = temp_store();
-    let blocker = Connection::open(dir.path().join("events.sqlite")).unwrap();
-    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let tasks: Vec<_> = (0..50)
-        .map(|n| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .append(
-                        &format!("s{}", n % 3),
-                        ExpectedRevision::Any,
-                        vec![simple(n)],
-                    )
-                    .await
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (blocker, tasks) = appends_behind_a_held_lock(&dir, &store, 50).await;
     let closing = tokio::spawn({
         let store = store.clone();
         async move { store.close().await }
@@ -357,25 +372,7 @@ async fn small_groups_still_commit_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_queued_behind_a_busy_writer_share_one_commit() {
     let (dir, store) = temp_store();
-    // An outside writer holds the lock, so the first request blocks the
-    // writer thread and the others pile up in the queue meanwhile.
-    let blocker = Connection::open(dir.path().join("events.sqlite")).unwrap();
-    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let tasks: Vec<_> = (0..50)
-        .map(|n| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .append(
-                        &format!("s{}", n % 3),
-                        ExpectedRevision::Any,
-                        vec![simple(n)],
-                    )
-                    .await
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (blocker, tasks) = appends_behind_a_held_lock(&dir, &store, 50).await;
     blocker.execute_batch("ROLLBACK").unwrap();
     for task in tasks {
         task.await.unwrap().unwrap();
