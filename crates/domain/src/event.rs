@@ -170,15 +170,15 @@ pub struct OtherEvent {
 }
 
 #[derive(Serialize)]
-struct OtherEventV1Out<'a> {
+struct OtherEventV2Out<'a> {
     institution_id: Option<InstitutionId>,
     user_id: Option<UserId>,
     delivery: &'a RawValue,
 }
 
 impl OtherEvent {
-    /// 2: `institution_id` may be null (in 1 it was always a number; the
-    /// two are otherwise the same, and 1 is still read as 2).
+    /// 2: `institution_id` may be null. 1 is the same shape with a number
+    /// there always, so whatever reads 2 reads 1 too.
     pub const SCHEMA_VERSION: u32 = 2;
 
     /// Deterministic id from the slug, the institution and the content of
@@ -205,7 +205,7 @@ impl OtherEvent {
     }
 
     pub fn to_data(&self, delivery: &RawValue) -> Result<String, serde_json::Error> {
-        serde_json::to_string(&OtherEventV1Out {
+        serde_json::to_string(&OtherEventV2Out {
             institution_id: self.institution_id,
             user_id: self.user_id,
             delivery,
