@@ -204,36 +204,27 @@ async fn accept(
         .with_field(field),
     })?;
 
-    match parsed.institution_id() {
-        Some(institution) => {
-            tracing::Span::current().record("institution", institution.get());
-            if !source.institutions.allows(institution) {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "forbidden_institution",
-                    format!(
-                        "source {} may not post for institution {institution}",
-                        source.id
-                    ),
-                )
-                .with_field("data.institution.id"));
-            }
-        }
-        // Another slug naming no institution: only a source for every
-        // institution may post it, since no institution vouches for it.
-        None if !matches!(source.institutions, InstitutionScope::All) => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden_institution",
-                format!(
-                    "data.institution.id is absent or not an id, and source {} may post only \
-                     for its own institutions",
-                    source.id
-                ),
-            )
-            .with_field("data.institution.id"));
-        }
-        None => {}
+    // Another slug may name no institution: only a source for every
+    // institution may post that, since no institution vouches for it.
+    let institution = parsed.institution_id();
+    if let Some(id) = institution {
+        tracing::Span::current().record("institution", id.get());
+    }
+    let allowed = match institution {
+        Some(id) => source.institutions.allows(id),
+        None => matches!(source.institutions, InstitutionScope::All),
+    };
+    if !allowed {
+        let what = institution.map_or_else(
+            || "a delivery whose data.institution.id is absent or not an id".to_owned(),
+            |id| format!("institution {id}"),
+        );
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_institution",
+            format!("source {} may not post for {what}", source.id),
+        )
+        .with_field("data.institution.id"));
     }
 
     let metadata = EventMetadata {
