@@ -70,15 +70,7 @@ async fn projection_progress_and_dead_letters_are_visible() {
     // letters (one per projection) are counted.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let text = loop {
-        let text = app
-            .client
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(&app).await;
         let line = |l: &str| text.lines().any(|t| t == l);
         if line("tracker_projection_lag_events{projection=\"learners\"} 0")
             && line("tracker_projection_lag_events{projection=\"institutions\"} 0")
@@ -91,14 +83,17 @@ async fn projection_progress_and_dead_letters_are_visible() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
-    for expected in [
-        "tracker_projection_checkpoint_position{projection=\"institutions\"} 3",
-        "tracker_projection_checkpoint_position{projection=\"learners\"} 3",
-        "tracker_event_store_head_position 3",
-        "tracker_projection_dead_letters 2",
-    ] {
-        assert!(text.lines().any(|l| l == expected), "{expected}:\n{text}");
-    }
+    assert_lines(
+        &text,
+        &[
+            "tracker_projection_checkpoint_position{projection=\"institutions\"} 3",
+            "tracker_projection_checkpoint_position{projection=\"learners\"} 3",
+            "tracker_event_store_head_position 3",
+            "tracker_projection_dead_letters 2",
+            "tracker_projection_halted{projection=\"institutions\"} 0",
+            "tracker_projection_halted{projection=\"learners\"} 0",
+        ],
+    );
     let projections = readyz_projections(&app).await;
     let mut names: Vec<&str> = projections
         .iter()
@@ -112,8 +107,86 @@ async fn projection_progress_and_dead_letters_are_visible() {
             (Some(3), Some(0)),
             "{p}"
         );
+        assert!(p.get("halted").is_none(), "{p}");
     }
     app.stop().await;
+}
+
+/// Under `serve`, a projection halted by `on_error = "stop"` is shown with
+/// its error in `/readyz` and `/metrics`, and deliveries are still taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halted_projection_is_shown_and_deliveries_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    seed_events(&data, vec![DOCUMENTED.to_owned()]).await;
+    append_undecodable(&data).await;
+    seed_events(&data, vec![MULTI.to_owned()]).await;
+
+    let app = TestApp::spawn_with(|c| {
+        c.data_dir = data.clone();
+        c.projector.on_error = tracker::config::OnErrorSetting::Stop;
+    })
+    .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let projections = loop {
+        let projections = readyz_projections(&app).await;
+        if projections.iter().all(|p| p.get("halted").is_some()) {
+            break projections;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the projections did not halt: {projections:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(projections.len(), 2, "{projections:?}");
+    for p in &projections {
+        let name = p["projection"].as_str().unwrap();
+        assert_eq!(
+            (p["checkpoint"].as_u64(), p["lag"].as_u64()),
+            (Some(1), Some(2)),
+            "{p}"
+        );
+        let halted = p["halted"].as_str().unwrap();
+        assert!(
+            halted.starts_with(&format!("projection {name} stopped at position 2: "))
+                && halted.ends_with("(--on-error stop)"),
+            "{halted}"
+        );
+    }
+    let text = metrics_text(&app).await;
+    assert_lines(
+        &text,
+        &[
+            "tracker_projection_halted{projection=\"institutions\"} 1",
+            "tracker_projection_halted{projection=\"learners\"} 1",
+        ],
+    );
+
+    let (status, body) = app
+        .post(TOKEN, &completion(7, 8, 9, "2024-05-01 10:00:00"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["position"], 4, "{body}");
+    app.stop().await;
+}
+
+async fn metrics_text(app: &TestApp) -> String {
+    app.client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Each of `expected` is a whole line of `text`.
+fn assert_lines(text: &str, expected: &[&str]) {
+    for expected in expected {
+        assert!(text.lines().any(|l| l == *expected), "{expected}:\n{text}");
+    }
 }
 
 async fn readyz_projections(app: &TestApp) -> Vec<serde_json::Value> {

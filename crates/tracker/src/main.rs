@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use tracker::backend::{EventStoreBackend, open_read_store};
 use tracker::config::{Config, LogFormat, OnErrorSetting, Overrides};
-use tracker::projector::Projector;
+use tracker::projector::{Projector, RunnerStates};
 use tracker::replay;
 use tracker::server::{self, StartOptions};
 use tracker_projections::Partition;
@@ -201,8 +201,13 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let shutdown = shutdown_signal()?;
             let backend = EventStoreBackend::open(&config).await?;
             let read = open_read_store(&config).await?;
-            let mut projector =
-                Projector::start(backend.event_store(), read, &config.projector, partition);
+            let mut projector = Projector::start(
+                backend.event_store(),
+                read,
+                &config.projector,
+                partition,
+                &RunnerStates::default(),
+            );
             // On stdout, for scripts (and tests) that wait for it.
             println!("projector running (partition {partition})");
             let outcome = tokio::select! {

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub store_head: Gauge<u64, AtomicU64>,
     pub projection_checkpoint: Family<ProjectionLabels, Gauge<u64, AtomicU64>>,
     pub projection_lag: Family<ProjectionLabels, Gauge<u64, AtomicU64>>,
+    pub projection_halted: Family<ProjectionLabels, Gauge<u64, AtomicU64>>,
     pub dead_letters: Gauge<u64, AtomicU64>,
 }
 
@@ -74,6 +75,12 @@ impl Metrics {
             "Events recorded but not yet covered by each projection",
             projection_lag.clone(),
         );
+        let projection_halted = Family::<ProjectionLabels, Gauge<u64, AtomicU64>>::default();
+        registry.register(
+            "projection_halted",
+            "1 when this process's runner of a projection has ended on its own (halted or failed; `/readyz` says why), 0 while it runs",
+            projection_halted.clone(),
+        );
         let dead_letters = Gauge::<u64, AtomicU64>::default();
         registry.register(
             "projection_dead_letters",
@@ -84,6 +91,7 @@ impl Metrics {
             registry,
             projection_checkpoint,
             projection_lag,
+            projection_halted,
             dead_letters,
             deliveries,
             append_seconds,

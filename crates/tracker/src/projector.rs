@@ -1,9 +1,13 @@
 //! Running the projection workers: both projections, each its own runner
 //! with its own checkpoint, in this process (`serve`) or alone (`project`).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracker_projections::ProjectionKind;
@@ -14,6 +18,60 @@ use tracker_projections::runner::{OnError, Runner, RunnerConfig, RunnerError};
 use tracker_store::EventStore;
 
 use crate::config::{OnErrorSetting, ProjectorConfig};
+
+/// Whether each runner of this process still runs, by checkpoint key, and
+/// what a runner that ended on its own said: under `serve` the receiver goes
+/// on after a projection halts, so `/readyz` and `/metrics` say so. Cheap to
+/// clone; clones share the states.
+#[derive(Debug, Clone, Default)]
+pub struct RunnerStates {
+    states: Arc<Mutex<BTreeMap<String, Option<String>>>>,
+}
+
+impl RunnerStates {
+    /// Each runner's key with `None` while it runs, or the error it ended
+    /// with.
+    pub fn snapshot(&self) -> BTreeMap<String, Option<String>> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Option<String>>> {
+        self.states.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `runner` as the runner of `key`, recording how it ends: an
+    /// error, or a panic as [`RunnerError::Failed`].
+    fn supervise<F>(&self, key: String, runner: F) -> impl Future<Output = F::Output> + use<F>
+    where
+        F: Future<Output = Result<(), RunnerError>>,
+    {
+        let states = self.clone();
+        states.lock().insert(key.clone(), None);
+        async move {
+            let result = match AssertUnwindSafe(runner).catch_unwind().await {
+                Ok(result) => result,
+                Err(panic) => Err(RunnerError::Failed {
+                    key: key.clone(),
+                    error: panic_message(panic.as_ref()),
+                }),
+            };
+            if let Err(e) = &result {
+                tracing::error!(%key, error = %e, "projection halted");
+                states.lock().insert(key, Some(e.to_string()));
+            }
+            result
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    format!("the runner panicked: {text}")
+}
 
 pub struct Projector {
     shutdown: watch::Sender<bool>,
@@ -37,11 +95,13 @@ impl Projector {
     /// process shares one lease holder id, and each event is decoded once for
     /// all of them: a runner up to two batches ahead of the other leaves its
     /// results for it (two batches of completions in memory at most).
+    /// `states` follows each runner (see [`RunnerStates`]).
     pub fn start(
         events: Arc<dyn EventStore>,
         read: Arc<dyn ReadStore>,
         config: &ProjectorConfig,
         partition: Partition,
+        states: &RunnerStates,
     ) -> Self {
         let (shutdown, rx) = watch::channel(false);
         let holder = LeaseHolder::new_random();
@@ -70,7 +130,8 @@ impl Projector {
                     runner_config.clone(),
                 );
                 let key = runner.key().to_string();
-                (key, tokio::spawn(runner.run(rx.clone())))
+                let run = states.supervise(key.clone(), runner.run(rx.clone()));
+                (key, tokio::spawn(run))
             })
             .collect();
         Self {
@@ -171,12 +232,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_runner_that_panics_ends_the_projector_with_an_error() {
+    async fn a_runner_that_panics_ends_the_projector_with_an_error_and_is_shown_halted() {
         let (shutdown, _) = watch::channel(false);
-        let calm: JoinHandle<Result<(), RunnerError>> =
-            tokio::spawn(std::future::pending::<Result<(), RunnerError>>());
-        let panics: JoinHandle<Result<(), RunnerError>> =
-            tokio::spawn(async { panic!("a bug in the runner") });
+        let states = RunnerStates::default();
+        let calm = tokio::spawn(states.supervise(
+            "institutions".into(),
+            std::future::pending::<Result<(), RunnerError>>(),
+        ));
+        let panics = tokio::spawn(
+            states.supervise("learners".into(), async { panic!("a bug in the runner") }),
+        );
         let mut projector = Projector {
             shutdown,
             tasks: vec![("institutions".into(), calm), ("learners".into(), panics)],
@@ -186,10 +251,41 @@ mod tests {
         match halted.expect("halted() answers once a runner failed") {
             Err(RunnerError::Failed { key, error }) => {
                 assert_eq!(key, "learners");
-                assert!(error.contains("panic"), "{error}");
+                assert!(error.contains("panicked: a bug in the runner"), "{error}");
             }
             other => panic!("expected the failed runner, got {other:?}"),
         }
+        let snapshot = states.snapshot();
+        assert_eq!(snapshot.get("institutions"), Some(&None), "{snapshot:?}");
+        assert_eq!(
+            snapshot.get("learners"),
+            Some(&Some(
+                "projection learners failed: the runner panicked: a bug in the runner".to_owned()
+            )),
+            "{snapshot:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_runner_that_halts_is_shown_with_its_error() {
+        let states = RunnerStates::default();
+        let halt = RunnerError::Halted {
+            key: "institutions".into(),
+            position: 7,
+            error: "undecodable".into(),
+        };
+        let message = halt.to_string();
+        let ended = states
+            .supervise("institutions".into(), async move { Err(halt) })
+            .await;
+        assert!(matches!(
+            ended,
+            Err(RunnerError::Halted { position: 7, .. })
+        ));
+        assert_eq!(
+            states.snapshot(),
+            BTreeMap::from([("institutions".to_owned(), Some(message))])
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,6 +314,7 @@ mod tests {
             Arc::new(read.clone()),
             &config,
             Partition::WHOLE,
+            &RunnerStates::default(),
         );
         for n in 300..400 {
             append(events.as_ref(), n).await;

@@ -15,7 +15,7 @@ use crate::api::{self, ApiContext, ApiKeys};
 use crate::backend::{BackendError, EventStoreBackend, ReadBackend, open_read_backend};
 use crate::config::{ApiKeyConfig, Config, ConfigError, InstitutionScope, Secret, SourceConfig};
 use crate::metrics::Metrics;
-use crate::projector::Projector;
+use crate::projector::{Projector, RunnerStates};
 use crate::sources::Sources;
 use crate::state::AppState;
 use crate::{ops, webhook};
@@ -191,6 +191,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Ser
     ));
     let deliveries = DeliveryLog::open(config.data_dir.join("deliveries.sqlite"))
         .map_err(ServeError::DeliveryLog)?;
+    let runners = options.projector.then(RunnerStates::default);
     let state = web::Data::new(AppState {
         store: backend.event_store(),
         read: Arc::clone(&read),
@@ -199,6 +200,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Ser
         zone,
         body_limit: config.body_limit,
         metrics: Arc::new(Metrics::new()),
+        runners: runners.clone(),
     });
 
     let app_state = state.clone();
@@ -236,12 +238,13 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Ser
     let server = server.run();
     let handle = server.handle();
     let server = tokio::spawn(server);
-    let projector = options.projector.then(|| {
+    let projector = runners.map(|states| {
         Projector::start(
             backend.event_store(),
             read,
             &config.projector,
             Partition::WHOLE,
+            &states,
         )
     });
 

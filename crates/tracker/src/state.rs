@@ -8,6 +8,7 @@ use tracker_store::EventStore;
 use tracker_store::delivery_log::DeliveryLog;
 
 use crate::metrics::Metrics;
+use crate::projector::RunnerStates;
 use crate::sources::Sources;
 
 #[derive(Debug)]
@@ -19,4 +20,7 @@ pub struct AppState {
     pub zone: SourceTimeZone,
     pub body_limit: usize,
     pub metrics: Arc<Metrics>,
+    /// The projection runners of this process; `None` under
+    /// `serve --no-projector`, where they run elsewhere.
+    pub runners: Option<RunnerStates>,
 }
