@@ -127,4 +127,27 @@ pub(crate) mod tests {
             day: finished[..10].to_owned(),
         }
     }
+
+    /// A completion an earlier build recorded with its finish in year 10000
+    /// UTC (a wall time the source zone moved past 9999) is a dead letter on
+    /// every backend, not a row whose time no query can read back.
+    #[test]
+    fn a_recorded_finish_outside_years_0000_to_9999_does_not_decode() {
+        use tracker_domain::{SourceTimeZone, parse_delivery};
+        let zone = SourceTimeZone::parse("UTC").unwrap();
+        let body = include_str!("../../tests/fixtures/trail-completed.json")
+            .replace("2022-03-10 18:56:47", "9999-12-31 23:59:59");
+        let parsed = parse_delivery(body.as_bytes(), &zone).unwrap();
+        let data = parsed.event_data(&zone).unwrap();
+        let decoded = Completion::decode_data(1, Uuid::nil(), parsed.schema_version(), &data);
+        assert_eq!(
+            decoded.map(|c| c.finished_at.to_rfc3339()).ok(),
+            Some("9999-12-31T23:59:59+00:00".to_owned())
+        );
+        let shifted = data.replace("\"9999-12-31T23:59:59Z\"", "\"+10000-01-01T02:59:59Z\"");
+        assert_ne!(shifted, data);
+        let refused = Completion::decode_data(1, Uuid::nil(), parsed.schema_version(), &shifted);
+        let error = refused.map(|_| ()).unwrap_err().0;
+        assert!(error.contains("outside the years 0000 to 9999"), "{error}");
+    }
 }

@@ -1157,9 +1157,16 @@ pub(crate) fn completion_key(sort: CompletionSort, row: &CompletionRow) -> Compl
     }
 }
 
-/// Stored times: RFC 3339 text (SQLite).
+/// Stored times: RFC 3339 text (SQLite). An instant past year 9999, which
+/// builds before [`tracker_domain::TimeError::OutOfRange`] could record and
+/// project, was stored with a sign (`+10000-01-01T02:59:59Z`): read as
+/// chrono reads it, so such a row answers until a replay drops it.
 pub(crate) fn parse_time(text: &str) -> Result<DateTime<Utc>, QueryError> {
     tracker_domain::rfc3339::parse_instant(text)
+        .or_else(|_| {
+            text.parse::<DateTime<chrono::FixedOffset>>()
+                .map(|t| t.with_timezone(&Utc))
+        })
         .map_err(|e| storage(format!("stored time {text:?}: {e}")))
 }
 
@@ -1408,6 +1415,17 @@ mod tests {
             consistent_through(&only_other_partition, 4, ProjectionKind::Learners),
             0
         );
+    }
+
+    #[test]
+    fn stored_times_past_year_9999_read_back() {
+        let t = parse_time("+10000-01-01T02:59:59Z").unwrap();
+        assert_eq!(sql_time(t), "+10000-01-01T02:59:59Z");
+        assert_eq!(
+            parse_time("2024-03-05T14:07:09Z").unwrap().to_rfc3339(),
+            "2024-03-05T14:07:09+00:00"
+        );
+        assert!(parse_time("2024-03-05").is_err());
     }
 
     #[test]

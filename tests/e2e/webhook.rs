@@ -189,6 +189,25 @@ async fn refusals_are_typed_and_store_nothing() {
         ),
         (
             TOKEN,
+            documented_without(
+                "2022-03-10 18:56:47\", \"courses",
+                "9999-12-31 23:59:59\", \"courses",
+            ),
+            Some("application/json"),
+            422,
+            "invalid_timestamp",
+            Some("data.trail.finished_at"),
+        ),
+        (
+            TOKEN,
+            documented_without("\"id\": 12345 }", "\"id\": 12345, \"id\": 999 }"),
+            Some("application/json"),
+            400,
+            "invalid_json",
+            None,
+        ),
+        (
+            TOKEN,
             documented_without("\"id\": 123456798", "\"id\": -4"),
             Some("application/json"),
             422,
@@ -370,6 +389,36 @@ async fn signed_deliveries_are_verified() {
     );
     let tampered = key.sign("msg_1", now, b"{}");
     assert_eq!(send(now, tampered).await.unwrap().status().as_u16(), 401);
+    assert_eq!(app.events().await.len(), 1);
+    app.stop().await;
+}
+
+/// A compressed body is refused by name before it is read; `identity` is
+/// no compression.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_bodies_are_refused_by_name() {
+    let app = TestApp::spawn().await;
+    let post = |encoding: &'static str| {
+        app.client
+            .post(app.webhook(TOKEN))
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .body(DOCUMENTED)
+            .send()
+    };
+    for encoding in ["gzip", "identity, br"] {
+        let res = post(encoding).await.unwrap();
+        assert_eq!(res.status().as_u16(), 415, "{encoding}");
+        let got: Value = res.json().await.unwrap();
+        assert_eq!(
+            got["error"]["code"], "unsupported_content_encoding",
+            "{got}"
+        );
+        let message = got["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("uncompressed"), "{message}");
+    }
+    assert!(app.events().await.is_empty());
+    assert_eq!(post("identity").await.unwrap().status().as_u16(), 200);
     assert_eq!(app.events().await.len(), 1);
     app.stop().await;
 }

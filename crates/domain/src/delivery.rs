@@ -150,7 +150,7 @@ pub fn parse_delivery(body: &[u8], zone: &SourceTimeZone) -> Result<ParsedDelive
     let text =
         std::str::from_utf8(body).map_err(|e| DeliveryError::NotJson(format!("not UTF-8: {e}")))?;
     let text = text.trim_matches(|c: char| matches!(c, ' ' | '\t' | '\n' | '\r'));
-    let root: Value =
+    let UniqueKeys(root) =
         serde_json::from_str(text).map_err(|e| DeliveryError::NotJson(e.to_string()))?;
     let document = RawValue::from_string(text.to_owned())
         .map_err(|e| DeliveryError::NotJson(e.to_string()))?;
@@ -185,6 +185,73 @@ pub fn parse_delivery(body: &[u8], zone: &SourceTimeZone) -> Result<ParsedDelive
         document,
         content_hash,
     })
+}
+
+/// A JSON document as a [`Value`], refusing an object that names a key
+/// twice. RFC 8259 leaves such a document's meaning to each reader: serde
+/// keeps the last value, others the first, so the typed fact (and the
+/// institution a source is allowed to post for) could disagree with what a
+/// reader of the verbatim copy sees.
+struct UniqueKeys(Value);
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(UniqueKeysVisitor)
+            .map(UniqueKeys)
+    }
+}
+
+/// Builds the [`Value`] serde_json's own visitor would, but for repeated keys.
+struct UniqueKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(UniqueKeys(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "the key {key:?} appears twice in one object"
+                )));
+            }
+            let UniqueKeys(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 fn parse_trail_completed(
@@ -616,6 +683,46 @@ mod tests {
             Err(DeliveryError::NotJson(_))
         ));
         assert_eq!(parse("{").unwrap_err().code(), ErrorCode::InvalidJson);
+    }
+
+    #[test]
+    fn a_key_named_twice_in_one_object_is_refused_wherever_it_is() {
+        let documented = include_str!("../../../tests/fixtures/trail-completed.json");
+        let other = include_str!("../../../tests/fixtures/course-completed-other-slug.json");
+        for (body, key) in [
+            (
+                documented.replacen(r#""id": 12345"#, r#""id": 12345, "id": 999"#, 1),
+                "id",
+            ),
+            (
+                documented.replacen(r#""event": {"#, r#""event": {"slug": "x.y","#, 1),
+                "slug",
+            ),
+            (
+                other.replacen(r#""data": {"#, r#""data": {"a": 1, "a": 1,"#, 1),
+                "a",
+            ),
+        ] {
+            assert_ne!(body, documented);
+            match parse(&body) {
+                Err(DeliveryError::NotJson(message)) => assert!(
+                    message.contains(&format!("the key \"{key}\" appears twice in one object")),
+                    "{message}"
+                ),
+                other => panic!("expected a refusal of the repeated {key:?}, got {other:?}"),
+            }
+        }
+        // The same keys in different objects are fine, and the document
+        // reads as serde_json's own `Value` would read it.
+        let parsed = parse(documented).unwrap();
+        let value: Value = serde_json::from_str(documented).unwrap();
+        let UniqueKeys(strict) = serde_json::from_str(documented).unwrap();
+        assert_eq!(strict, value);
+        assert_eq!(parsed.document.get(), documented.trim());
+        let scalars = r#"{"a": [1, -2, 3.5, -0.0, 1e300, 18446744073709551615, null, true, "s\u00e9"], "b": {}}"#;
+        let UniqueKeys(strict) = serde_json::from_str(scalars).unwrap();
+        let value: Value = serde_json::from_str(scalars).unwrap();
+        assert_eq!(strict, value);
     }
 
     #[test]

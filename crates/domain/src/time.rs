@@ -18,7 +18,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, LocalResult, NaiveDateTime, Offset, TimeDelta, TimeZone, Utc};
+use chrono::{DateTime, Datelike, LocalResult, NaiveDateTime, Offset, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +33,20 @@ pub enum TimeError {
     Impossible(String),
     #[error("is not an IANA time zone name: {0:?}")]
     UnknownZone(String),
+    /// A wall time near either end of years 0000-9999 that the zone moves
+    /// past it in UTC: such an instant has no four-digit RFC 3339 form, so
+    /// it could be neither stored nor sorted like every other.
+    #[error("{0:?} is {1} in UTC, outside the years 0000 to 9999")]
+    OutOfRange(String, String),
+}
+
+/// The instants a [`SourceTime`] may denote: years 0000 to 9999 in UTC.
+fn within_years(raw: &str, utc: DateTime<Utc>) -> Result<DateTime<Utc>, TimeError> {
+    if (0..=9999).contains(&utc.year()) {
+        Ok(utc)
+    } else {
+        Err(TimeError::OutOfRange(raw.to_owned(), utc.to_rfc3339()))
+    }
 }
 
 /// The zone the source's offset-less times are read in (an IANA name).
@@ -107,18 +121,19 @@ impl SourceTime {
         let local = parse_wall_time(raw)?;
         Ok(Self {
             raw: raw.to_owned(),
-            utc: zone.resolve(local),
+            utc: within_years(raw, zone.resolve(local))?,
         })
     }
 
     /// Rebuilds a time from what was recorded: the raw string must still be
     /// well formed; the instant is taken as recorded (the zone in force when
-    /// it was received decided it).
+    /// it was received decided it), and must be within the years a new one
+    /// may be (a build before that check recorded some outside them).
     pub fn from_recorded(raw: &str, utc: DateTime<Utc>) -> Result<Self, TimeError> {
         parse_wall_time(raw)?;
         Ok(Self {
             raw: raw.to_owned(),
-            utc,
+            utc: within_years(raw, utc)?,
         })
     }
 
@@ -268,6 +283,35 @@ mod tests {
         assert!(SourceTime::parse("2024-02-29 10:00:00", &sp()).is_ok());
         // Year 0 is a year to chrono's `%Y` too.
         assert!(SourceTime::parse("0000-01-01 00:00:01", &sp()).is_ok());
+    }
+
+    #[test]
+    fn wall_times_the_zone_moves_past_year_9999_or_before_year_0_are_refused() {
+        // São Paulo is behind UTC, Tokyo ahead of it.
+        let tokyo = SourceTimeZone::parse("Asia/Tokyo").unwrap();
+        for (raw, zone, utc) in [
+            ("9999-12-31 23:59:59", sp(), "+10000-01-01T02:59:59+00:00"),
+            ("0000-01-01 00:00:00", tokyo, "-0001-12-31T14:41:01+00:00"),
+        ] {
+            assert_eq!(
+                SourceTime::parse(raw, &zone),
+                Err(TimeError::OutOfRange(raw.into(), utc.into())),
+                "{raw:?}"
+            );
+            let error = SourceTime::parse(raw, &zone).unwrap_err().to_string();
+            assert!(error.contains("outside the years 0000 to 9999"), "{error}");
+        }
+        // Their last and first seconds in UTC are in.
+        assert!(SourceTime::parse("9999-12-31 20:59:59", &sp()).is_ok());
+        let utc_zone = SourceTimeZone::parse("UTC").unwrap();
+        assert!(SourceTime::parse("0000-01-01 00:00:00", &utc_zone).is_ok());
+        assert!(SourceTime::parse("9999-12-31 23:59:59", &utc_zone).is_ok());
+        // What an earlier build recorded outside them no longer reads back.
+        let recorded = utc("9999-12-31T23:59:59Z") + TimeDelta::hours(3);
+        assert!(matches!(
+            SourceTime::from_recorded("9999-12-31 23:59:59", recorded),
+            Err(TimeError::OutOfRange(..))
+        ));
     }
 
     #[test]

@@ -171,6 +171,7 @@ async fn accept(
     handled: &mut Handled,
 ) -> Result<Accepted, ApiError> {
     check_content_type(req.headers())?;
+    check_content_encoding(req.headers())?;
     read_body(req.headers(), payload, state.body_limit, handled).await?;
     let body = handled.body.as_slice();
 
@@ -290,6 +291,25 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
             "unsupported_media_type",
             "deliveries must be sent as application/json",
         ))
+    }
+}
+
+/// The body as sent, or nothing said: a compressed body would otherwise be
+/// refused as "not UTF-8", which does not say what is wrong. (The source
+/// documents no compression; a signature covers the bytes as sent.)
+fn check_content_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
+    let mut codings = headers
+        .get_all(header::CONTENT_ENCODING)
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"));
+    match codings.next() {
+        None => Ok(()),
+        Some(coding) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_content_encoding",
+            format!("deliveries must be sent uncompressed, not with Content-Encoding {coding:?}"),
+        )),
     }
 }
 
