@@ -537,6 +537,11 @@ async fn bad_parameters_are_400_naming_them_and_unknowns_404() {
             "invalid_parameter",
         ),
         (
+            "/v1/institutions/100/completions?to=9999-12-31T23:59:59.5Z",
+            "to",
+            "invalid_parameter",
+        ),
+        (
             "/v1/institutions/100/activity?bucket=year",
             "bucket",
             "invalid_parameter",

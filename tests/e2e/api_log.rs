@@ -485,3 +485,61 @@ async fn a_damaged_log_is_a_server_error_naming_the_position() {
     let page: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(page["items"].as_array().unwrap().len(), 2, "{body}");
 }
+
+/// A row whose `data` is not JSON is damage too: JSON and CSV pages answer
+/// 500 `damaged_log` naming its position, and the NDJSON export ends before
+/// it, cut short (no final chunk), so a client cannot take it for whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_data_column_is_damage_naming_its_position() {
+    let app = varied_app().await;
+    let conn = rusqlite::Connection::open(app.dir.path().join("events.sqlite")).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch(
+        "DROP TRIGGER events_no_update; UPDATE events SET data = 'not json' WHERE position = 3;",
+    )
+    .unwrap();
+
+    for accept in ["application/json", "text/csv"] {
+        let (status, _, body) = app
+            .api_get("/v1/events", Some(OPERATOR_KEY), Some(accept))
+            .await;
+        assert_eq!(status, 500, "{accept}: {body}");
+        let error: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(error["error"]["code"], "damaged_log", "{body}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains("position 3"), "{message}");
+    }
+
+    let res = app
+        .client
+        .get(app.url("/v1/events"))
+        .bearer_auth(OPERATOR_KEY)
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let mut body = res.bytes_stream();
+    let mut received = Vec::new();
+    let mut cut_short = false;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(bytes) => received.extend_from_slice(&bytes),
+            Err(_) => {
+                cut_short = true;
+                break;
+            }
+        }
+    }
+    assert!(cut_short, "the export ended as if whole");
+    let positions: Vec<u64> = received
+        .split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            serde_json::from_slice::<Value>(line).unwrap()["position"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(positions, [1, 2]);
+}

@@ -589,7 +589,14 @@ async fn page(
             };
             scanned += 1;
             if request.filter.matches(&e) {
-                items.push(dto::Event::try_from(e).map_err(|e| Failure::internal(&e))?);
+                let position = e.position;
+                let event = dto::Event::try_from(e).map_err(|err| {
+                    store_failure(&StoreError::Corrupt {
+                        position,
+                        reason: format!("data is not JSON: {err}"),
+                    })
+                })?;
+                items.push(event);
                 if items.len() == request.limit {
                     full = true;
                     break;
@@ -712,20 +719,9 @@ impl Exporter {
             })
             .await;
             let chunk = match encoded {
-                Ok((events, Ok(chunk))) => {
+                Ok((events, chunk)) => {
                     spare = events;
                     chunk
-                }
-                Ok((_, Err(e))) => {
-                    tracing::error!(
-                        position = e.position,
-                        reason = e.reason,
-                        "NDJSON export stopped: unreadable event"
-                    );
-                    return fail(actix_web::error::ErrorInternalServerError(
-                        "unreadable event",
-                    ))
-                    .await;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "NDJSON export stopped: encoding task failed");
@@ -740,6 +736,17 @@ impl Exporter {
                     return;
                 }
             }
+            if let Some(e) = chunk.unreadable {
+                tracing::error!(
+                    position = e.position,
+                    reason = e.reason,
+                    "NDJSON export stopped: unreadable event"
+                );
+                return fail(actix_web::error::ErrorInternalServerError(
+                    "unreadable event",
+                ))
+                .await;
+            }
             if chunk.past_end {
                 return;
             }
@@ -753,6 +760,8 @@ struct Encoded {
     lines: u64,
     /// An event beyond `to_position` was reached: nothing more to read.
     past_end: bool,
+    /// The event the lines stop before: sent, then the export is cut.
+    unreadable: Option<Unreadable>,
 }
 
 /// A recorded event that cannot be written as it should.
@@ -765,25 +774,40 @@ struct Unreadable {
 /// Bytes a line adds to the event's own text (field names, numbers, id).
 const LINE_OVERHEAD: usize = 256;
 
-fn encode_chunk(filter: &Filter, events: &RawEvents) -> Result<Encoded, Unreadable> {
+/// The lines of `events` up to `to_position`, or up to the first that
+/// cannot be written (none of its bytes kept).
+fn encode_chunk(filter: &Filter, events: &RawEvents) -> Encoded {
     let mut out = Vec::with_capacity(events.text_bytes() + events.len() * LINE_OVERHEAD);
     let mut lines = 0;
     let mut past_end = false;
+    let mut unreadable = None;
     for e in events.iter() {
         if e.position > filter.to_position {
             past_end = true;
             break;
         }
-        if filter.matches_raw(&e)? {
-            write_line(&mut out, &e)?;
-            lines += 1;
+        let start = out.len();
+        match filter.matches_raw(&e).and_then(|m| {
+            if m {
+                write_line(&mut out, &e).map(|()| 1)
+            } else {
+                Ok(0)
+            }
+        }) {
+            Ok(n) => lines += n,
+            Err(e) => {
+                out.truncate(start);
+                unreadable = Some(e);
+                break;
+            }
         }
     }
-    Ok(Encoded {
+    Encoded {
         bytes: out,
         lines,
         past_end,
-    })
+        unreadable,
+    }
 }
 
 /// Writes `e` as one NDJSON line: byte for byte what serializing its
@@ -822,12 +846,13 @@ fn write_line(out: &mut Vec<u8>, e: &RawEvent<'_>) -> Result<(), Unreadable> {
     // As a `RawValue` holds it: the JSON text without surrounding
     // whitespace.
     let data = trim_json_whitespace(e.data);
-    if data.is_empty() {
-        return Err(bad("data is empty"));
-    }
     // Not re-checked as UTF-8 or JSON (that was a fifth of an export's
     // time): the store holds what was appended, a `String` of JSON the
-    // domain wrote.
+    // domain wrote, always an object. What is not even bracketed as one
+    // is damaged, and ends the export as a page would end with 500.
+    if data.first() != Some(&b'{') || data.last() != Some(&b'}') {
+        return Err(bad("data is not a JSON object"));
+    }
     let start = out.len();
     out.extend_from_slice(data);
     if has_line_break(data) {
@@ -1335,14 +1360,14 @@ mod tests {
             .collect();
         assert_eq!(kept, expected);
         assert_eq!(kept, [false, true, false, true, false, false, false]);
-        let encoded = encode_chunk(&institution, &raw).unwrap();
+        let encoded = encode_chunk(&institution, &raw);
         assert_eq!(encoded.lines, 2);
         assert!(!encoded.past_end);
         let short = Filter {
             to_position: 4,
             ..institution
         };
-        let encoded = encode_chunk(&short, &raw).unwrap();
+        let encoded = encode_chunk(&short, &raw);
         assert_eq!((encoded.lines, encoded.past_end), (1, true));
     }
 }

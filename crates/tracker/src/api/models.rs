@@ -680,7 +680,7 @@ pub async fn completions(
             format!("from ({from}) is after to ({to})"),
         ));
     }
-    within_years([("from", q.from), ("to", q.to)])?;
+    within_instants([("from", q.from), ("to", q.to)])?;
     let filter = CompletionFilter {
         from: q.from,
         to: q.to,
@@ -796,6 +796,28 @@ pub async fn activity(
         )),
     }
 }
+
+/// Instants the read models can hold: years 1 to 9999, and no fraction of
+/// a second within 9999's last (a `to` is rounded up to the next whole
+/// second, which would be in year 10000).
+fn within_instants(bounds: [(&str, Option<DateTime<Utc>>); 2]) -> Result<(), Failure> {
+    within_years(bounds)?;
+    for (name, t) in bounds {
+        if let Some(t) = t
+            && (t.timestamp(), t.timestamp_subsec_nanos()) > (LAST_SECOND, 0)
+        {
+            return Err(Failure::bad_request(
+                name,
+                "invalid_parameter",
+                format!("{name} must be at most 9999-12-31T23:59:59Z"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// 9999-12-31T23:59:59Z, in seconds since the Unix epoch.
+const LAST_SECOND: i64 = 253_402_300_799;
 
 /// Dates and times the read models can hold: years 1 to 9999.
 fn within_years<D: chrono::Datelike>(bounds: [(&str, Option<D>); 2]) -> Result<(), Failure> {

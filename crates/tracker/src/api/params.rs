@@ -12,7 +12,7 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike as _, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracker_domain::InstitutionId;
@@ -180,17 +180,10 @@ pub fn encode_cursor(scope: &CursorScope, key: CursorKey) -> String {
 }
 
 pub fn decode_cursor(scope: &CursorScope, text: &str) -> Result<CursorKey, Failure> {
-    let malformed = || {
-        Failure::bad_request(
-            "cursor",
-            "invalid_cursor",
-            "the cursor is not one this API made; pass next_cursor back unchanged",
-        )
-    };
     let bytes = URL_SAFE_NO_PAD
         .decode(text.trim_end_matches('='))
-        .map_err(|_| malformed())?;
-    let body: CursorBody = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
+        .map_err(|_| not_ours())?;
+    let body: CursorBody = serde_json::from_slice(&bytes).map_err(|_| not_ours())?;
     if body.l != scope.list || body.s != scope.sort {
         return Err(Failure::bad_request(
             "cursor",
@@ -199,6 +192,14 @@ pub fn decode_cursor(scope: &CursorScope, text: &str) -> Result<CursorKey, Failu
         ));
     }
     Ok(body.k)
+}
+
+fn not_ours() -> Failure {
+    Failure::bad_request(
+        "cursor",
+        "invalid_cursor",
+        "the cursor is not one this API made; pass next_cursor back unchanged",
+    )
 }
 
 fn foreign() -> Failure {
@@ -232,6 +233,9 @@ impl CursorKey {
     pub fn sort_key(self) -> Result<SortKey, Failure> {
         match self {
             Self::Id { i } => Ok(SortKey::Id(i)),
+            // No stored name holds NUL (ingest refuses it), and PostgreSQL
+            // refuses it as a parameter: only a hand-made cursor has one.
+            Self::Name { v, .. } if v.contains('\0') => Err(not_ours()),
             Self::Name { v, i } => Ok(SortKey::Name(v, i)),
             Self::Count { n, i } => Ok(SortKey::Completions(n, i)),
             _ => Err(foreign()),
@@ -241,6 +245,14 @@ impl CursorKey {
     pub fn completion_key(self) -> Result<CompletionKey, Failure> {
         match self {
             Self::Position { p } => Ok(CompletionKey::Position(p)),
+            // Stored finish times are whole seconds of years 0000-9999; the
+            // backends would compare anything else differently (SQLite as
+            // text cut to the second, PostgreSQL as the instant).
+            Self::FinishedAt { f, .. }
+                if f.timestamp_subsec_nanos() != 0 || !(0..=9999).contains(&f.year()) =>
+            {
+                Err(not_ours())
+            }
             Self::FinishedAt { f, p } => Ok(CompletionKey::FinishedAt(f, p)),
             _ => Err(foreign()),
         }
@@ -299,6 +311,47 @@ mod tests {
         ] {
             assert!(decode_cursor(&scope, junk).is_err(), "{junk}");
         }
+    }
+
+    /// Keys no page of ours ends with, which the backends would read
+    /// differently: a name with NUL, a finish time that is not a whole
+    /// second of years 0000-9999.
+    #[test]
+    fn hand_made_keys_the_backends_disagree_on_are_refused() {
+        let names = CursorScope::new("learners/7", "name");
+        let text = encode_cursor(
+            &names,
+            CursorKey::Name {
+                v: "Ana\0".into(),
+                i: 3,
+            },
+        );
+        let e = decode_cursor(&names, &text)
+            .and_then(CursorKey::sort_key)
+            .unwrap_err();
+        assert_eq!(
+            (e.error.code, e.error.field.as_deref()),
+            ("invalid_cursor", Some("cursor"))
+        );
+
+        let times = CursorScope::new("completions/7", "finished_at");
+        let at = |text: &str| CursorKey::FinishedAt {
+            f: text.parse().unwrap(),
+            p: 9,
+        };
+        for bad in ["2024-01-01T10:00:00.5Z", "+10000-01-01T00:00:00Z"] {
+            let text = encode_cursor(&times, at(bad));
+            let e = decode_cursor(&times, &text)
+                .and_then(CursorKey::completion_key)
+                .unwrap_err();
+            assert_eq!(e.error.code, "invalid_cursor", "{bad}");
+        }
+        let good = encode_cursor(&times, at("2024-01-01T10:00:00Z"));
+        assert!(
+            decode_cursor(&times, &good)
+                .and_then(CursorKey::completion_key)
+                .is_ok()
+        );
     }
 
     #[test]
