@@ -557,6 +557,16 @@ async fn bad_parameters_are_400_naming_them_and_unknowns_404() {
             "invalid_range",
         ),
         (
+            "/v1/institutions/100/activity?to=2000-01-01",
+            "to",
+            "invalid_range",
+        ),
+        (
+            "/v1/institutions/100/activity?from=2100-01-01",
+            "from",
+            "invalid_range",
+        ),
+        (
             "/v1/institutions/100/activity?bucket=day&from=2020-01-01&to=2024-01-01",
             "bucket",
             "too_many_buckets",
@@ -670,6 +680,21 @@ async fn bad_parameters_are_400_naming_them_and_unknowns_404() {
         .unwrap();
     assert_eq!(res.status().as_u16(), 405);
     assert_eq!(res.headers()["allow"], "GET");
+    // Without a key, neither says the path or the method exists: 401.
+    let (status, headers, body) = app.api_get("/v1/nothing", None, None).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(headers["www-authenticate"], "Bearer realm=\"tracker\"");
+    let res = app
+        .client
+        .post(app.url("/v1/institutions/100/summary"))
+        .bearer_auth("not-a-key-of-this-tracker")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 401);
+    // The API's description stays public.
+    let (status, _, _) = app.api_get("/openapi.json", None, None).await;
+    assert_eq!(status, 200);
     app.stop().await;
 }
 

@@ -408,8 +408,27 @@ async fn request_context(
     Ok(res)
 }
 
+/// A `/v1` call without a valid key is 401 whatever its path or method, as
+/// the README says of every `/v1` request: a caller without a key learns
+/// nothing of which paths and methods exist.
+fn unauthenticated(req: &HttpRequest) -> Option<HttpResponse> {
+    if !req.path().starts_with("/v1/") {
+        return None;
+    }
+    let Some(ctx) = req.app_data::<web::Data<ApiContext>>() else {
+        return Some(Failure::internal(&std::io::Error::other("no API context")).error_response());
+    };
+    ctx.keys
+        .authenticate(req.headers())
+        .err()
+        .map(|failure| failure.error_response())
+}
+
 /// Any method but GET on a query API path.
 async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
+    if let Some(res) = unauthenticated(&req) {
+        return res;
+    }
     let mut res = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
@@ -425,7 +444,10 @@ async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
 }
 
 /// A path under `/v1` that names no endpoint.
-async fn no_such_endpoint() -> HttpResponse {
+async fn no_such_endpoint(req: HttpRequest) -> HttpResponse {
+    if let Some(res) = unauthenticated(&req) {
+        return res;
+    }
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",

@@ -770,7 +770,8 @@ pub async fn activity(
         consistency,
         || ctx.queries.activity(institution, request),
     )
-    .await?;
+    .await
+    .map_err(|failure| name_the_given_bound(failure, q.from, q.to))?;
     let (activity, at) = found(read, institution, "trail")?;
     let items: Vec<dto::ActivityBucket> = activity
         .buckets
@@ -794,6 +795,35 @@ pub async fn activity(
             at,
             None,
         )),
+    }
+}
+
+/// An empty range with one bound left to its default (the first or last day
+/// with a completion) is the given bound's fault: name that one.
+fn name_the_given_bound(
+    failure: Failure,
+    from: Option<NaiveDate>,
+    to: Option<NaiveDate>,
+) -> Failure {
+    if failure.error.code != "invalid_range" {
+        return failure;
+    }
+    match (from, to) {
+        (None, Some(to)) => Failure::bad_request(
+            "to",
+            "invalid_range",
+            format!(
+                "to ({to}) is before the institution's first day with a completion, where from starts when not given"
+            ),
+        ),
+        (Some(from), None) => Failure::bad_request(
+            "from",
+            "invalid_range",
+            format!(
+                "from ({from}) is after the institution's last day with a completion, where to ends when not given"
+            ),
+        ),
+        _ => failure,
     }
 }
 
