@@ -718,10 +718,15 @@ impl Shared {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        // On the leader whatever the connection's node preference: an
+        // append decides duplicates and revision conflicts on this read,
+        // and a follower behind it would turn a client's own last write
+        // into a conflict.
         let options = ReadStreamOptions::default()
             .forwards()
             .position(StreamPosition::Position(from))
             .max_count(limit)
+            .requires_leader(true)
             .deadline(self.options.operation_timeout);
         let slot = self.conn.get();
         let mut read = match slot.client.read_stream(name, &options).await {
@@ -1162,6 +1167,15 @@ impl Index {
         let Some(&last) = positions.iter().max() else {
             return Ok(Vec::new());
         };
+        // Servers before EventStoreDB 22.6 give an event read from its
+        // stream no `$all` position (commit u64::MAX): the index would be
+        // waited on until the timeout, at every append.
+        if last.commit == u64::MAX {
+            return Err(StoreError::Storage(
+                "the server gives events read from their stream no $all position:                  the tracker needs EventStoreDB 22.6 or later (or KurrentDB)"
+                    .into(),
+            ));
+        }
         self.wait(options, "reach the events read", |p| {
             p.scanned.is_some_and(|s| s >= last)
         })
@@ -1458,6 +1472,27 @@ mod tests {
         assert_eq!(delays, [50, 100, 200, 300, 300]);
         backoff.reset();
         assert_eq!(backoff.next_delay().as_millis(), 50);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_gives_stream_reads_no_all_position_is_named_at_once() {
+        let options = EsdbOptions {
+            index_timeout: Duration::from_secs(30),
+            ..EsdbOptions::default()
+        };
+        let unknown = EsPosition {
+            commit: u64::MAX,
+            prepare: u64::MAX,
+        };
+        let started = std::time::Instant::now();
+        let refused = Index::new().ordinals_of(&[unknown], &options).await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+        match refused {
+            Err(StoreError::Storage(message)) => {
+                assert!(message.contains("EventStoreDB 22.6 or later"), "{message}")
+            }
+            other => panic!("expected a storage error naming the version, got {other:?}"),
+        }
     }
 
     #[test]

@@ -134,6 +134,9 @@ struct Counters {
     appends: AtomicU64,
     subscriptions: AtomicU64,
     reads: AtomicU64,
+    /// Stream reads sent without `requires-leader: true`, which a cluster
+    /// may answer from a follower that is behind.
+    stream_reads_off_leader: AtomicU64,
     /// Where each `$all` subscription started: how many `$all` events lay
     /// before its first.
     subscription_starts: Mutex<Vec<usize>>,
@@ -288,6 +291,14 @@ impl TestServer {
     /// Reads (streams and `$all`, not subscriptions) served.
     pub fn reads_served(&self) -> u64 {
         self.state.counters.reads.load(Ordering::Relaxed)
+    }
+
+    /// Stream reads served that did not require the leader.
+    pub fn stream_reads_off_leader(&self) -> u64 {
+        self.state
+            .counters
+            .stream_reads_off_leader
+            .load(Ordering::Relaxed)
     }
 }
 
@@ -995,6 +1006,10 @@ impl streams::streams_server::Streams for Node {
         request: Request<streams::ReadReq>,
     ) -> Result<Response<Self::ReadStream>, Status> {
         use read_req::options::{CountOption, StreamOption, uuid_option};
+        let on_leader = request
+            .metadata()
+            .get("requires-leader")
+            .is_some_and(|v| v == "true");
         let options = request
             .into_inner()
             .options
@@ -1022,6 +1037,12 @@ impl streams::streams_server::Streams for Node {
             ),
             (Some(StreamOption::Stream(stream)), Some(CountOption::Count(count))) => {
                 self.state.counters.reads.fetch_add(1, Ordering::Relaxed);
+                if !on_leader {
+                    self.state
+                        .counters
+                        .stream_reads_off_leader
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 let items =
                     self.read_stream(stream, backwards, count, compatibility, uuid_as_string)?;
                 Ok(Response::new(Box::pin(futures::stream::iter(

@@ -652,3 +652,26 @@ async fn close_ends_subscriptions_and_refuses_calls() {
     assert!(matches!(store.head().await, Err(StoreError::Closed)));
     assert!(matches!(store.writable().await, Err(StoreError::Closed)));
 }
+
+/// An append decides duplicates and revision conflicts on a read of its
+/// stream: that read goes to the leader even when the connection prefers
+/// followers, which may be behind the client's own last write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_reads_require_the_leader_whatever_the_node_preference() {
+    let node = node().await;
+    let prefix = unique_prefix();
+    let url = format!("{}&nodePreference=follower", node.url());
+    let store = EsdbEventStore::connect(&url, options(&prefix))
+        .await
+        .expect("connect to the test server");
+    append(&store, "s", ExpectedRevision::NoStream, vec![simple(1)]).await;
+    append(&store, "s", ExpectedRevision::Exact(0), vec![simple(2)]).await;
+    let redelivered = store
+        .append("s", ExpectedRevision::Any, vec![simple(1)])
+        .await
+        .unwrap();
+    assert!(redelivered.events[0].duplicate, "{redelivered:?}");
+    assert_eq!(store.read_stream("s", 0, 10).await.unwrap().len(), 2);
+    assert!(node.reads_served() > 0);
+    assert_eq!(node.stream_reads_off_leader(), 0);
+}
