@@ -634,8 +634,8 @@ impl EventStore for EsdbEventStore {
     async fn head(&self) -> Result<Position, StoreError> {
         self.check_open()?;
         let shared = &self.inner.shared;
-        let scanned = shared.index.progress().scanned;
-        let tail = shared.tail_scan(scanned).await?;
+        let progress = shared.index.progress();
+        let tail = shared.tail_scan(&progress).await?;
         let target = match tail {
             Tail::Known => return Ok(shared.index.len()),
             Tail::Ours(position) | Tail::Foreign(position) => position,
@@ -643,7 +643,7 @@ impl EventStore for EsdbEventStore {
         let progress = shared
             .index
             .wait(&shared.options, "reach the end of $all", |p| {
-                p.scanned.is_some_and(|s| s >= target)
+                p.covers(target)
             })
             .await?;
         Ok(progress.len)
@@ -655,6 +655,7 @@ impl EventStore for EsdbEventStore {
             shutdown: self.inner.shutdown.subscribe(),
             next: from.max(1),
             resume: None,
+            checkpoint: None,
             started: false,
             sub: None,
             backoff: Backoff::new(self.inner.shared.options.max_resubscribe_backoff),
@@ -857,7 +858,7 @@ impl Shared {
     }
 
     /// Reads `$all` backwards from its end; see [`EsdbEventStore::head`].
-    async fn tail_scan(&self, scanned: Option<EsPosition>) -> Result<Tail, StoreError> {
+    async fn tail_scan(&self, progress: &Progress) -> Result<Tail, StoreError> {
         let limit = HEAD_SCAN.max(4 * self.options.checkpoint_interval as usize);
         let options = ReadAllOptions::default()
             .position(StreamPosition::End)
@@ -878,7 +879,7 @@ impl Shared {
                         continue;
                     };
                     examined += 1;
-                    if scanned.is_some_and(|s| event.position <= s) {
+                    if progress.covers(event.position) {
                         return Ok(Tail::Known);
                     }
                     if event.stream_id.starts_with(&self.prefix) {
@@ -1043,12 +1044,30 @@ struct Index {
 struct Progress {
     /// Events indexed (= the highest ordinal known).
     len: u64,
-    /// The server has sent every event of ours up to here: the last event
-    /// indexed, or a later filter checkpoint.
-    scanned: Option<EsPosition>,
+    /// The last event indexed.
+    last_event: Option<EsPosition>,
+    /// The furthest filter checkpoint. Some KurrentDB builds (before the
+    /// KDB-744 fix, kurrent-io/KurrentDB#4970) sent one at the end of the
+    /// log, the position the next write then takes: a checkpoint vouches
+    /// only for what lies strictly before it, until the server sends
+    /// something after it.
+    checkpoint: Option<EsPosition>,
+    /// Where the index resubscribes after a drop: the last event indexed or
+    /// the checkpoint before the latest one, whichever is further (the
+    /// latest may be such an end-of-log checkpoint, and resuming after it
+    /// would lose the event written there).
+    resume_after: Option<EsPosition>,
     /// The index subscription went live at least once.
     caught_up: bool,
     closed: bool,
+}
+
+impl Progress {
+    /// Every event of ours at or before `position` has been indexed.
+    fn covers(&self, position: EsPosition) -> bool {
+        self.last_event.is_some_and(|l| l >= position)
+            || self.checkpoint.is_some_and(|c| c > position)
+    }
 }
 
 impl Index {
@@ -1087,15 +1106,19 @@ impl Index {
         };
         self.progress.send_modify(|p| {
             p.len = len;
-            p.scanned = p.scanned.max(Some(position));
+            p.last_event = Some(position);
+            p.resume_after = p.resume_after.max(Some(position));
         });
         true
     }
 
     fn checkpoint(&self, position: EsPosition) {
         self.progress.send_if_modified(|p| {
-            let advanced = p.scanned < Some(position);
-            p.scanned = p.scanned.max(Some(position));
+            let advanced = p.checkpoint < Some(position);
+            if advanced {
+                p.resume_after = p.resume_after.max(p.checkpoint);
+                p.checkpoint = Some(position);
+            }
             advanced
         });
     }
@@ -1176,10 +1199,8 @@ impl Index {
                     .into(),
             ));
         }
-        self.wait(options, "reach the events read", |p| {
-            p.scanned.is_some_and(|s| s >= last)
-        })
-        .await?;
+        self.wait(options, "reach the events read", |p| p.covers(last))
+            .await?;
         let indexed = self
             .positions
             .read()
@@ -1234,15 +1255,15 @@ async fn pause(delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
 }
 
 /// The index task: one filtered catch-up subscription to `$all` per store,
-/// resubscribing after the last event or checkpoint it saw whenever the
-/// connection drops.
+/// resubscribing whenever the connection drops after the last event it
+/// indexed or an earlier checkpoint (see [`Progress::resume_after`]).
 async fn run_indexer(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = Backoff::new(shared.options.max_resubscribe_backoff);
     loop {
         let start = shared
             .index
             .progress()
-            .scanned
+            .resume_after
             .map_or(StreamPosition::Start, StreamPosition::Position);
         let options = SubscribeToAllOptions::default()
             .position(start)
@@ -1294,9 +1315,12 @@ struct Follower {
     shutdown: watch::Receiver<bool>,
     /// The ordinal of the next event to yield.
     next: Position,
-    /// Resubscribe after this `$all` position (the last event yielded or a
-    /// later filter checkpoint); None: from the start.
+    /// Resubscribe after this `$all` position (the last event yielded, or
+    /// the checkpoint before the latest: see [`Progress::resume_after`]);
+    /// None: from the start.
     resume: Option<EsPosition>,
+    /// The latest filter checkpoint of this subscription.
+    checkpoint: Option<EsPosition>,
     started: bool,
     sub: Option<(u64, EsSub)>,
     backoff: Backoff,
@@ -1350,7 +1374,10 @@ impl Follower {
                 }
                 Ok(SubscriptionEvent::Checkpoint(position)) => {
                     self.backoff.reset();
-                    self.resume = self.resume.max(Some(position));
+                    if self.checkpoint < Some(position) {
+                        self.resume = self.resume.max(self.checkpoint);
+                        self.checkpoint = Some(position);
+                    }
                 }
                 Ok(_) => {}
                 Err(err) => {
@@ -1424,6 +1451,7 @@ impl Follower {
                 }));
             }
             self.resume = self.shared.index.position_of(self.next - 1);
+            self.checkpoint = None;
             self.sub = None;
             return Step::Skip;
         }

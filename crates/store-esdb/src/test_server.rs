@@ -37,7 +37,7 @@
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -148,6 +148,8 @@ struct State {
     /// The length of `$all`, for live subscriptions.
     appended: watch::Sender<usize>,
     counters: Counters,
+    /// See [`TestServer::checkpoint_at_end_of_log`].
+    end_checkpoints: AtomicBool,
 }
 
 /// A running in-process node. Dropping it stops it and drops its
@@ -185,6 +187,7 @@ impl TestServer {
             }),
             appended: watch::channel(0).0,
             counters: Counters::default(),
+            end_checkpoints: AtomicBool::new(false),
         });
         state.write_system_event("$epoch-information", "$epoch");
         let server = Self {
@@ -243,6 +246,15 @@ impl TestServer {
         for _ in 0..count {
             self.state.write_system_event(stream, "ForeignHappened");
         }
+    }
+
+    /// From now on, a filtered `$all` subscription that catches up is first
+    /// sent a checkpoint at the end of the log, the position the next write
+    /// will take, as KurrentDB builds before the KDB-744 fix did
+    /// (kurrent-io/KurrentDB#4970): a client that resumes after such a
+    /// checkpoint never sees that next event.
+    pub fn checkpoint_at_end_of_log(&self) {
+        self.state.end_checkpoints.store(true, Ordering::Relaxed);
     }
 
     /// `$all` as it stands.
@@ -963,6 +975,22 @@ async fn follow_all(
         if batch.is_empty() {
             if !live {
                 live = true;
+                if state.end_checkpoints.load(Ordering::Relaxed)
+                    && !matches!(filter, Filter::Everything)
+                {
+                    let end = state
+                        .log
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .next_position;
+                    let checkpoint = read_resp::Content::Checkpoint(read_resp::Checkpoint {
+                        commit_position: end,
+                        prepare_position: end,
+                    });
+                    if tx.send(Ok(message(checkpoint))).await.is_err() {
+                        return;
+                    }
+                }
                 let caught_up = read_resp::Content::CaughtUp(read_resp::CaughtUp {});
                 if tx.send(Ok(message(caught_up))).await.is_err() {
                     return;

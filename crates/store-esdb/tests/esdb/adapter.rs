@@ -675,3 +675,32 @@ async fn stream_reads_require_the_leader_whatever_the_node_preference() {
     assert!(node.reads_served() > 0);
     assert_eq!(node.stream_reads_off_leader(), 0);
 }
+
+/// KurrentDB builds before the KDB-744 fix sent a catch-up checkpoint at the
+/// end of the log, the position the next write takes. Resuming after it
+/// must lose that next event neither from the position index (head, reads,
+/// ordinals) nor from a subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_at_the_end_of_the_log_loses_no_event_after_a_reconnect() {
+    let node = node().await;
+    node.checkpoint_at_end_of_log();
+    let prefix = unique_prefix();
+    let store = store_on(&node, &prefix).await;
+    append(&store, "s", ExpectedRevision::NoStream, vec![simple(1)]).await;
+    let mut sub = store.subscribe_all(1);
+    assert_eq!(take(&mut sub, 1).await[0].position, 1);
+    assert_eq!(store.head().await.unwrap(), 1);
+    // Both subscriptions have caught up (and had the checkpoint) by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node.drop_connections();
+    // The next event lands exactly where that checkpoint pointed.
+    let writer = store_on(&node, &prefix).await;
+    append_retrying(&writer, "t", vec![simple(2)]).await;
+
+    let followed = take(&mut sub, 1).await;
+    assert_eq!(followed[0].id, simple(2).id);
+    assert_eq!(followed[0].position, 2);
+    assert_eq!(store.head().await.unwrap(), 2);
+    let ids: Vec<Uuid> = all(&store).await.iter().map(|e| e.id).collect();
+    assert_eq!(ids, [simple(1).id, simple(2).id]);
+}
