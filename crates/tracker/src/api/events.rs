@@ -73,7 +73,8 @@ pub enum EventErrors {
     /// The key does not hold this institution. Nothing of it is read.
     #[response(status = 403)]
     Forbidden(ErrorBody),
-    /// `learner_not_found`: the log holds no event of this learner.
+    /// `learner_not_found` (a learner's events only; an institution's with
+    /// none are an empty page): the log holds no event of this learner.
     #[response(status = 404)]
     NotFound(ErrorBody),
     /// `damaged_log`: a recorded event cannot be read (the message names
@@ -848,10 +849,14 @@ fn write_line(out: &mut Vec<u8>, e: &RawEvent<'_>) -> Result<(), Unreadable> {
     let data = trim_json_whitespace(e.data);
     // Not re-checked as UTF-8 or JSON (that was a fifth of an export's
     // time): the store holds what was appended, a `String` of JSON the
-    // domain wrote, always an object. What is not even bracketed as one
-    // is damaged, and ends the export as a page would end with 500.
-    if data.first() != Some(&b'{') || data.last() != Some(&b'}') {
-        return Err(bad("data is not a JSON object"));
+    // domain wrote, always an object. What is not even bracketed as an
+    // object or an array is damaged, and ends the export as a page would
+    // end with 500.
+    if !matches!(
+        (data.first(), data.last()),
+        (Some(b'{'), Some(b'}')) | (Some(b'['), Some(b']'))
+    ) {
+        return Err(bad("data is not a JSON object or array"));
     }
     let start = out.len();
     out.extend_from_slice(data);
