@@ -40,6 +40,10 @@ pub enum ReadErrors {
         headers(("X-Consistent-Through" = u64, description = "The checkpoint the lookup was made at."))
     )]
     NotFound(ErrorBody),
+    /// `internal`: a stored row could not be read or encoded (the server's
+    /// log says why); not for retrying.
+    #[response(status = 500)]
+    Internal(ErrorBody),
     /// `not_caught_up`: the read model did not reach `min_position` within
     /// `wait_ms` (the header says where it is); or `unavailable`.
     #[response(
