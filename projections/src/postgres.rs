@@ -1867,6 +1867,14 @@ impl ReadStore for PgReadStore {
             tx.rollback().await.map_err(pg("ending a batch"))?;
             return Ok(());
         }
+        if checkpoint < batch.after {
+            tx.rollback().await.map_err(pg("ending a batch"))?;
+            return Err(ReadStoreError::Gap {
+                key: batch.key.to_string(),
+                checkpoint,
+                after: batch.after,
+            });
+        }
 
         let completions: Vec<Completion> = batch
             .completions

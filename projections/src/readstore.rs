@@ -145,12 +145,29 @@ pub enum ReadStoreError {
     GenerationChanged { from: String, to: String },
     #[error("read store schema: {0}")]
     Schema(String),
+    /// The batch continues the log from a later position than the stored
+    /// checkpoint: the events in between would never be applied (the
+    /// runner read on from a checkpoint of another generation). It must
+    /// start over from the stored checkpoint.
+    #[error(
+        "projection {key} is at position {checkpoint} but the batch continues from {after}: \
+         events in between were read against another checkpoint"
+    )]
+    Gap {
+        key: String,
+        checkpoint: Position,
+        after: Position,
+    },
 }
 
 /// One batch for [`ReadStore::apply`].
 #[derive(Debug, Clone)]
 pub struct ApplyBatch {
     pub key: CheckpointKey,
+    /// The batch holds every event of the log after this position (up to
+    /// `through`): the position the runner's reading continued from. A
+    /// stored checkpoint below it is a [`ReadStoreError::Gap`].
+    pub after: Position,
     /// Decoded completions of this partition, in position order.
     pub completions: Vec<Completion>,
     pub dead_letters: Vec<DeadLetter>,

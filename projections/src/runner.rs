@@ -252,10 +252,11 @@ impl Runner {
                     }
                 };
                 let full = events.len() >= self.batch_size();
+                let after = next - 1;
                 if let Some(last) = events.last() {
                     next = last.position + 1;
                 }
-                if let Err(step) = self.apply_or_step(events, shutdown, backoff).await? {
+                if let Err(step) = self.apply_or_step(events, after, shutdown, backoff).await? {
                     return Ok(step);
                 }
                 if !full {
@@ -294,10 +295,11 @@ impl Runner {
                 // This many at once means the log is running ahead: go
                 // back to reading whole batches.
                 let behind = events.len() >= self.batch_size().min(FALLING_BEHIND);
+                let after = next - 1;
                 if let Some(last) = events.last() {
                     next = last.position + 1;
                 }
-                if let Err(step) = self.apply_or_step(events, shutdown, backoff).await? {
+                if let Err(step) = self.apply_or_step(events, after, shutdown, backoff).await? {
                     return Ok(step);
                 }
                 if behind {
@@ -309,13 +311,15 @@ impl Runner {
 
     /// Applies a batch; `Ok(Err(step))` when the session must end with
     /// `step` (restart, or a pause before retrying from the checkpoint).
+    /// `events` are every event of the log after position `after`.
     async fn apply_or_step(
         &self,
         events: Vec<RecordedEvent>,
+        after: Position,
         shutdown: &mut watch::Receiver<bool>,
         backoff: &mut Backoff,
     ) -> Result<Result<(), Step>, RunnerError> {
-        match self.apply(events).await {
+        match self.apply(events, after).await {
             Ok(()) => {
                 backoff.reset();
                 Ok(Ok(()))
@@ -329,7 +333,7 @@ impl Runner {
         }
     }
 
-    async fn apply(&self, events: Vec<RecordedEvent>) -> Result<(), Applied> {
+    async fn apply(&self, events: Vec<RecordedEvent>, after: Position) -> Result<(), Applied> {
         let Some(through) = events.last().map(|e| e.position) else {
             return Ok(());
         };
@@ -368,6 +372,7 @@ impl Runner {
         let (events_read, completions_in) = (events.len(), completions.len());
         let batch = ApplyBatch {
             key: self.key,
+            after,
             completions,
             dead_letters,
             through,
@@ -380,6 +385,10 @@ impl Runner {
                     apply_ms = started.elapsed().as_secs_f64() * 1e3, "batch applied");
             }
             Err(ReadStoreError::LeaseLost(_)) | Err(ReadStoreError::GenerationChanged { .. }) => {
+                return Err(Applied::Restart);
+            }
+            Err(e @ ReadStoreError::Gap { .. }) => {
+                tracing::warn!(key = %self.key, error = %e, "starting over from the stored checkpoint");
                 return Err(Applied::Restart);
             }
             Err(e) => return Err(Applied::Retry(e)),

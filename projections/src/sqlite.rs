@@ -1547,6 +1547,13 @@ fn apply_blocking(
         // Redelivered: already applied, nothing to do.
         return Ok(());
     }
+    if checkpoint < batch.after {
+        return Err(ReadStoreError::Gap {
+            key: key.to_string(),
+            checkpoint,
+            after: batch.after,
+        });
+    }
     let completions: Vec<Completion> = batch
         .completions
         .into_iter()

@@ -306,6 +306,7 @@ fn generate(n: usize, seed: u64) -> Vec<Completion> {
 
 fn batch(kind: ProjectionKind, completions: &[Completion], through: u64) -> ApplyBatch {
     ApplyBatch {
+        after: 0,
         key: CheckpointKey::whole(kind),
         completions: completions.to_vec(),
         dead_letters: Vec::new(),
@@ -422,6 +423,7 @@ async fn same_events_give_the_same_snapshot_as_sqlite_whatever_the_batching() {
             for kind in ProjectionKind::ALL {
                 split
                     .apply(ApplyBatch {
+                        after: 0,
                         key: CheckpointKey {
                             projection: kind,
                             partition,
@@ -594,6 +596,49 @@ async fn redelivered_and_overlapping_batches_change_nothing() {
     );
 }
 
+/// A batch that continues the log after a position its stored checkpoint
+/// has not reached (a runner that read on from another generation's
+/// checkpoint) is a gap on both backends and writes nothing, so the runner
+/// starts over from the stored checkpoint instead of losing the events in
+/// between. Continuing from the checkpoint, or from before it, applies.
+#[tokio::test]
+async fn a_batch_that_skips_past_the_checkpoint_is_a_gap_on_both_backends() {
+    let db = TestDb::create().await;
+    let events = generate(100, 5);
+    let pg = PgReadStore::connect(&db.url).await.expect("connect");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sqlite = SqliteReadStore::open(dir.path()).expect("open sqlite");
+    let (_ref_dir, reference) = sqlite_reference(&events).await;
+    let expected = reference.snapshot().await.expect("snapshot");
+    let stores: [(&str, &dyn ReadStore); 2] = [("postgres", &pg), ("sqlite", &sqlite)];
+    for (name, store) in stores {
+        let (head, skipped, rest) = (&events[..40], &events[40..60], &events[60..]);
+        apply_in_batches(store, head, &[head.len()]).await;
+        let before = store.snapshot().await.expect("snapshot");
+        for kind in ProjectionKind::ALL {
+            let mut gap = batch(kind, rest, through(rest));
+            gap.after = through(skipped);
+            match store.apply(gap).await {
+                Err(ReadStoreError::Gap {
+                    checkpoint, after, ..
+                }) => assert_eq!(
+                    (checkpoint, after),
+                    (through(head), through(skipped)),
+                    "{name}"
+                ),
+                other => panic!("{name} {kind:?}: expected a gap, got {other:?}"),
+            }
+        }
+        assert_same(&before, &store.snapshot().await.expect("snapshot"), name);
+        for kind in ProjectionKind::ALL {
+            let mut from_before = batch(kind, &events[30..], through(&events));
+            from_before.after = events[29].position;
+            store.apply(from_before).await.expect("apply");
+        }
+        assert_same(&expected, &store.snapshot().await.expect("snapshot"), name);
+    }
+}
+
 #[tokio::test]
 async fn a_hand_counted_history() {
     let db = TestDb::create().await;
@@ -742,6 +787,7 @@ async fn leases_let_one_writer_in_and_fence_the_others() {
 
     // B does not hold it: nothing is written.
     let with = |holder: &LeaseHolder, kind: ProjectionKind, ttl: Duration| ApplyBatch {
+        after: 0,
         lease: Some((holder.clone(), ttl)),
         ..batch(kind, &events, through(&events))
     };
@@ -925,6 +971,7 @@ async fn dead_letters_are_kept_once_and_checkpoints_listed() {
     let end = through(&events);
     let batches = [
         ApplyBatch {
+            after: 0,
             dead_letters: vec![
                 dead(ProjectionKind::Institutions, end + 2),
                 dead(ProjectionKind::Institutions, end + 1),
@@ -932,6 +979,7 @@ async fn dead_letters_are_kept_once_and_checkpoints_listed() {
             ..batch(ProjectionKind::Institutions, &events, end + 3)
         },
         ApplyBatch {
+            after: 0,
             dead_letters: vec![dead(ProjectionKind::Learners, end + 1)],
             ..batch(ProjectionKind::Learners, &events, end + 3)
         },
@@ -979,6 +1027,7 @@ async fn dead_letters_are_kept_once_and_checkpoints_listed() {
         assert_eq!(store.checkpoint(part).await.expect("checkpoint"), end + 3);
         store
             .apply(ApplyBatch {
+                after: 0,
                 key: part,
                 dead_letters: vec![dead(ProjectionKind::Institutions, end + 3)],
                 ..batch(ProjectionKind::Institutions, &[], end + 10)
@@ -1180,6 +1229,7 @@ async fn apply_log(store: &dyn ReadStore, events: &dyn tracker_store::EventStore
             }
             store
                 .apply(ApplyBatch {
+                    after: 0,
                     key: CheckpointKey::whole(kind),
                     completions,
                     dead_letters,

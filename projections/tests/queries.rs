@@ -148,6 +148,7 @@ async fn apply(store: &dyn ReadStore, events: &[Completion]) {
         for kind in ProjectionKind::ALL {
             store
                 .apply(ApplyBatch {
+                    after: 0,
                     key: CheckpointKey::whole(kind),
                     completions: chunk.to_vec(),
                     dead_letters: Vec::new(),

@@ -471,6 +471,7 @@ async fn a_lease_keeps_a_second_projector_out() {
     assert!(!env.read.acquire_lease(&name, &b, ttl).await.unwrap());
     // B writing anyway is refused, and nothing is written.
     let batch = ApplyBatch {
+        after: 0,
         key: CheckpointKey::whole(ProjectionKind::Learners),
         completions: vec![Completion {
             position: 1,
@@ -713,6 +714,7 @@ async fn apply_ranges(read: &SqliteReadStore, events: &[Completion], ranges: &[(
     for kind in ProjectionKind::ALL {
         for &(a, b) in ranges {
             read.apply(ApplyBatch {
+                after: 0,
                 key: CheckpointKey::whole(kind),
                 completions: events[a..b].to_vec(),
                 dead_letters: vec![],
@@ -1029,6 +1031,7 @@ async fn one_projection_applies_while_the_others_connection_is_busy() {
     let applied = tokio::time::timeout(
         Duration::from_secs(10),
         env.read.apply(ApplyBatch {
+            after: 0,
             key: CheckpointKey::whole(ProjectionKind::Learners),
             completions: Vec::new(),
             dead_letters: Vec::new(),

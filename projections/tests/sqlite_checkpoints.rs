@@ -69,6 +69,7 @@ async fn projector_commits_leave_checkpoints_to_a_background_thread() {
         ));
         let before = std::fs::metadata(&file).unwrap().len();
         read.apply(ApplyBatch {
+            after: 0,
             key: CheckpointKey::whole(kind),
             completions: (1..=3_000).map(completion).collect(),
             dead_letters: Vec::new(),
@@ -100,6 +101,7 @@ async fn dropping_the_store_closes_its_files() {
     let generation = read.generation();
     for kind in ProjectionKind::ALL {
         read.apply(ApplyBatch {
+            after: 0,
             key: CheckpointKey::whole(kind),
             completions: (1..=500).map(completion).collect(),
             dead_letters: Vec::new(),
@@ -139,6 +141,7 @@ async fn a_job_that_panics_fails_alone() {
         "{failed:?}"
     );
     read.apply(ApplyBatch {
+        after: 0,
         key: CheckpointKey::whole(ProjectionKind::Learners),
         completions: (1..=3).map(completion).collect(),
         dead_letters: Vec::new(),
@@ -213,6 +216,7 @@ async fn pages_written(
     assert_eq!(busy, 0, "the WAL could not be emptied");
     let through = completions.last().unwrap().position;
     read.apply(ApplyBatch {
+        after: 0,
         key: CheckpointKey::whole(kind),
         completions,
         dead_letters: Vec::new(),
