@@ -278,18 +278,23 @@ impl Runner {
                     }
                 };
                 let mut events = Vec::with_capacity(64);
+                // A subscription yields an error once and then ends: either
+                // way it is over, and the log is read again from here after
+                // a pause (only a shutdown stops the runner).
+                let mut ended = None;
                 match first {
-                    None => return Ok(Step::Stop),
-                    Some(Err(e)) => {
-                        tracing::warn!(key = %self.key, error = %e, "event subscription failed");
-                        return Ok(self.pause(shutdown, backoff.next()).await);
-                    }
+                    None => ended = Some("event subscription ended".to_owned()),
+                    Some(Err(e)) => ended = Some(format!("event subscription failed: {e}")),
                     Some(Ok(e)) => events.push(e),
                 }
-                while events.len() < self.batch_size() {
+                while ended.is_none() && events.len() < self.batch_size() {
                     match subscription.next().now_or_never() {
                         Some(Some(Ok(e))) => events.push(e),
-                        _ => break,
+                        Some(Some(Err(e))) => {
+                            ended = Some(format!("event subscription failed: {e}"));
+                        }
+                        Some(None) => ended = Some("event subscription ended".to_owned()),
+                        None => break,
                     }
                 }
                 // This many at once means the log is running ahead: go
@@ -301,6 +306,13 @@ impl Runner {
                 }
                 if let Err(step) = self.apply_or_step(events, after, shutdown, backoff).await? {
                     return Ok(step);
+                }
+                if let Some(why) = ended {
+                    if *shutdown.borrow() {
+                        return Ok(Step::Stop);
+                    }
+                    tracing::warn!(key = %self.key, next, "{why}; reading on after a pause");
+                    return Ok(self.pause(shutdown, backoff.next()).await);
                 }
                 if behind {
                     break;

@@ -172,3 +172,91 @@ async fn a_projection_behind_applies_whole_batches_then_follows_live() {
     let key = CheckpointKey::whole(ProjectionKind::Learners);
     assert_eq!(read.checkpoint(key).await.unwrap(), 2_501);
 }
+
+/// An event store whose first subscription yields one event and, in the
+/// same burst, an error, then ends (as a store's subscription does when it
+/// fails); later subscriptions are the store's own.
+#[derive(Debug)]
+struct FailingOnce {
+    inner: SqliteEventStore,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl EventStore for FailingOnce {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedRevision,
+        events: Vec<NewEvent>,
+    ) -> Result<tracker_store::AppendOutcome, tracker_store::AppendError> {
+        self.inner.append(stream, expected, events).await
+    }
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<tracker_store::RecordedEvent>, tracker_store::StoreError> {
+        self.inner.read_stream(stream, from, limit).await
+    }
+    async fn read_all(
+        &self,
+        read: tracker_store::ReadAll,
+    ) -> Result<Vec<tracker_store::RecordedEvent>, tracker_store::StoreError> {
+        self.inner.read_all(read).await
+    }
+    async fn head(&self) -> Result<Position, tracker_store::StoreError> {
+        self.inner.head().await
+    }
+    fn subscribe_all(&self, from: Position) -> tracker_store::Subscription {
+        use futures::StreamExt as _;
+        let inner = self.inner.subscribe_all(from);
+        if self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return inner;
+        }
+        Box::pin(inner.take(1).chain(futures::stream::iter([Err(
+            tracker_store::StoreError::Storage("injected subscription failure".into()),
+        )])))
+    }
+    async fn writable(&self) -> Result<(), tracker_store::StoreError> {
+        self.inner.writable().await
+    }
+}
+
+/// A subscription that fails in the middle of a burst is retried, not
+/// taken for the end of the log: the runner goes on projecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_failing_mid_burst_is_retried_not_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FailingOnce {
+        inner: SqliteEventStore::open(dir.path().join("events.sqlite")).unwrap(),
+        failed: std::sync::atomic::AtomicBool::new(false),
+    };
+    let events: Arc<dyn EventStore> = Arc::new(store);
+    let read = Recording {
+        inner: SqliteReadStore::open(dir.path().join("readmodels")).unwrap(),
+        applied: Arc::default(),
+    };
+    append(events.as_ref(), 0..10).await;
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(
+        Runner::new(
+            Arc::clone(&events),
+            Arc::new(read.clone()),
+            ProjectionKind::Learners,
+            RunnerConfig::default(),
+        )
+        .run(stopped),
+    );
+    wait_for(&read.applied, 10).await;
+    // Live: the first subscription hands over one event and fails.
+    append(events.as_ref(), 10..13).await;
+    append(events.as_ref(), 13..20).await;
+    wait_for(&read.applied, 20).await;
+    assert!(!task.is_finished(), "the runner stopped");
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let key = CheckpointKey::whole(ProjectionKind::Learners);
+    assert_eq!(read.checkpoint(key).await.unwrap(), 20);
+}
