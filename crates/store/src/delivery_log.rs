@@ -13,7 +13,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, Row, TransactionBehavior, params};
@@ -101,7 +100,7 @@ pub struct DeliveryLog {
 struct Inner {
     path: PathBuf,
     requests: Mutex<Option<mpsc::Sender<Request>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    writer: sql::WriterThread,
     stopped_cleanly: Arc<AtomicBool>,
     readers: Arc<ReadPool>,
 }
@@ -132,16 +131,13 @@ impl DeliveryLog {
             failed: None,
             stopped_cleanly: Arc::clone(&stopped_cleanly),
         };
-        let handle = std::thread::Builder::new()
-            .name("delivery-log-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|err| StoreError::Storage(format!("cannot start writer thread: {err}")))?;
+        let thread = sql::WriterThread::spawn("delivery-log-writer", move || writer.run(rx))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 readers: Arc::new(ReadPool::new(path.clone(), 2)),
                 path,
                 requests: Mutex::new(Some(tx)),
-                writer: Mutex::new(Some(handle)),
+                writer: thread,
                 stopped_cleanly,
             }),
         })
@@ -191,18 +187,19 @@ impl DeliveryLog {
     }
 
     /// Stops accepting records, writes what is queued and waits for the
-    /// writer thread to end. Later calls return `Closed`.
+    /// writer thread to end. Later records return `Closed`; every call,
+    /// concurrent or later, returns only once the writer has ended.
     pub async fn close(&self) -> Result<(), StoreError> {
-        let handle = self.inner.begin_shutdown()?;
-        let joined = match handle {
-            Some(handle) => tokio::task::spawn_blocking(move || handle.join())
-                .await
-                .map_err(|err| StoreError::Storage(format!("cannot join writer thread: {err}")))?
-                .map_err(|_| StoreError::Storage("the delivery log writer panicked".into())),
-            None => Ok(()),
-        };
+        self.inner.stop_accepting()?;
+        self.inner.writer.ended().await;
         self.inner.readers.close();
-        joined
+        if self.inner.stopped_cleanly.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(StoreError::Storage(
+                "the delivery log writer panicked".into(),
+            ))
+        }
     }
 
     async fn send(&self, request: Request) -> Result<(), StoreError> {
@@ -221,10 +218,12 @@ impl DeliveryLog {
 }
 
 impl Inner {
-    fn begin_shutdown(&self) -> Result<Option<JoinHandle<()>>, StoreError> {
-        let poisoned = || StoreError::Storage("delivery log handle lock poisoned".into());
-        self.requests.lock().map_err(|_| poisoned())?.take();
-        Ok(self.writer.lock().map_err(|_| poisoned())?.take())
+    fn stop_accepting(&self) -> Result<(), StoreError> {
+        self.requests
+            .lock()
+            .map_err(|_| StoreError::Storage("delivery log handle lock poisoned".into()))?
+            .take();
+        Ok(())
     }
 
     fn writer_gone(&self) -> StoreError {
@@ -240,10 +239,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         let requests = self.requests.get_mut().unwrap_or_else(|p| p.into_inner());
         requests.take();
-        let writer = self.writer.get_mut().unwrap_or_else(|p| p.into_inner());
-        if let Some(handle) = writer.take()
-            && handle.join().is_err()
-        {
+        if self.writer.join() {
             tracing::error!("the delivery log writer thread panicked");
         }
         self.readers.close();

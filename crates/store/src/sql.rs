@@ -12,6 +12,62 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use crate::StoreError;
 
+/// A store's writer thread, whose end every `close` waits for: the first
+/// caller and any concurrent or later one alike, so that none hears "closed"
+/// while queued work is still being committed.
+pub(crate) struct WriterThread {
+    handle: Mutex<Option<std::thread::JoinHandle<()>>>,
+    ended: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Marks the thread ended when dropped: when `run` returns or unwinds.
+struct Ended(tokio::sync::watch::Sender<bool>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl WriterThread {
+    pub(crate) fn spawn(
+        name: &str,
+        run: impl FnOnce() + Send + 'static,
+    ) -> Result<Self, StoreError> {
+        let (ended_tx, ended) = tokio::sync::watch::channel(false);
+        let handle = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let _ended = Ended(ended_tx);
+                run();
+            })
+            .map_err(|err| StoreError::Storage(format!("cannot start writer thread: {err}")))?;
+        Ok(Self {
+            handle: Mutex::new(Some(handle)),
+            ended,
+        })
+    }
+
+    /// Waits until the thread has returned or panicked.
+    pub(crate) async fn ended(&self) {
+        let mut ended = self.ended.clone();
+        // An error means the sender is gone, which it only is once ended.
+        let _ = ended.wait_for(|ended| *ended).await;
+        self.join();
+    }
+
+    /// Waits for the thread to end (blocking) and reaps it; true if it
+    /// panicked. Only the first call joins.
+    pub(crate) fn join(&self) -> bool {
+        let handle = self
+            .handle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        handle.is_some_and(|h| h.join().is_err())
+    }
+}
+
 /// How long a connection waits for a lock held by another connection before
 /// giving up. Only checkpoints and other processes (operators' tools) contend
 /// with our single writer, so this is a safety net rather than a tuning knob.

@@ -416,7 +416,7 @@ struct Inner {
     path: PathBuf,
     /// `None` once shutdown began: new appends are refused with `Closed`.
     requests: Mutex<Option<mpsc::Sender<Request>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    writer: sql::WriterThread,
     /// Set by the writer thread when it ends because it was told to, so a
     /// vanished writer can be told apart from a crashed one.
     stopped_cleanly: Arc<AtomicBool>,
@@ -468,16 +468,13 @@ impl SqliteEventStore {
             stopped_cleanly: Arc::clone(&stopped_cleanly),
             counters: Arc::clone(&counters),
         };
-        let handle = std::thread::Builder::new()
-            .name("event-store-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|err| StoreError::Storage(format!("cannot start writer thread: {err}")))?;
+        let thread = sql::WriterThread::spawn("event-store-writer", move || writer.run(rx))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 readers: Arc::new(ReadPool::new(path.clone(), options.max_idle_readers)),
                 path,
                 requests: Mutex::new(Some(tx)),
-                writer: Mutex::new(Some(handle)),
+                writer: thread,
                 stopped_cleanly,
                 head: head_rx,
                 subscription_batch: options.subscription_batch.max(1),
@@ -503,19 +500,18 @@ impl SqliteEventStore {
 
     /// Stops accepting appends, lets the writer commit what is already
     /// queued, waits for its thread to end and closes the read connections.
-    /// Later calls (on any clone) return `Closed`; live subscriptions end.
-    /// Calling it again returns at once.
+    /// Later appends (on any clone) return `Closed`; live subscriptions end.
+    /// Every call, concurrent or later, returns only once the writer has
+    /// ended.
     pub async fn close(&self) -> Result<(), StoreError> {
-        let handle = self.inner.begin_shutdown()?;
-        let joined = match handle {
-            Some(handle) => tokio::task::spawn_blocking(move || handle.join())
-                .await
-                .map_err(|err| StoreError::Storage(format!("cannot join writer thread: {err}")))?
-                .map_err(|_| StoreError::Storage("the writer thread panicked".into())),
-            None => Ok(()),
-        };
+        self.inner.stop_accepting()?;
+        self.inner.writer.ended().await;
         self.inner.readers.close();
-        joined
+        if self.inner.stopped_cleanly.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(StoreError::Storage("the writer thread panicked".into()))
+        }
     }
 
     async fn send(&self, request: Request) -> Result<(), StoreError> {
@@ -536,10 +532,12 @@ impl SqliteEventStore {
 }
 
 impl Inner {
-    fn begin_shutdown(&self) -> Result<Option<JoinHandle<()>>, StoreError> {
-        let poisoned = || StoreError::Storage("event store handle lock poisoned".into());
-        self.requests.lock().map_err(|_| poisoned())?.take();
-        Ok(self.writer.lock().map_err(|_| poisoned())?.take())
+    fn stop_accepting(&self) -> Result<(), StoreError> {
+        self.requests
+            .lock()
+            .map_err(|_| StoreError::Storage("event store handle lock poisoned".into()))?
+            .take();
+        Ok(())
     }
 
     fn writer_gone(&self) -> StoreError {
@@ -561,10 +559,7 @@ impl Drop for Inner {
         // committed what is queued; joining makes "dropped" mean "done".
         let requests = self.requests.get_mut().unwrap_or_else(|p| p.into_inner());
         requests.take();
-        let writer = self.writer.get_mut().unwrap_or_else(|p| p.into_inner());
-        if let Some(handle) = writer.take()
-            && handle.join().is_err()
-        {
+        if self.writer.join() {
             tracing::error!("the event store writer thread panicked");
         }
         self.readers.close();

@@ -260,6 +260,38 @@ async fn appends_queued_before_close_are_committed() {
     assert_eq!(recorded, acknowledged);
 }
 
+/// A close concurrent with another (a node drained while a signal stops
+/// it) returns only once the queued appends are committed, not at once.
+#[tokio::test]
+async fn every_close_waits_for_the_queued_appends() {
+    let (dir, store) = temp_store();
+    let (blocker, tasks) = appends_behind_a_held_lock(&dir, &store, 20).await;
+    let close = || {
+        let store = store.clone();
+        tokio::spawn(async move { store.close().await })
+    };
+    let first = close();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = close();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !second.is_finished(),
+        "a second close returned while appends were still queued"
+    );
+    blocker.execute_batch("ROLLBACK").unwrap();
+    second.await.unwrap().unwrap();
+    first.await.unwrap().unwrap();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let on_disk: i64 = Connection::open(dir.path().join("events.sqlite"))
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(on_disk, 20);
+    assert!(matches!(store.close().await, Ok(())), "a later close");
+}
+
 #[tokio::test]
 async fn subscription_ends_when_the_store_is_closed() {
     let (_dir, store) = temp_store();
