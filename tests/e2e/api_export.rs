@@ -77,14 +77,7 @@ async fn a_large_export_is_held_back_by_a_reader_that_stops() {
     let expected = EVENTS - EVENTS / 5;
 
     let exported = || app.running().api().exported_events();
-    let res = app
-        .client
-        .get(app.url("/v1/institutions/100/events"))
-        .bearer_auth(KEY_100)
-        .header("accept", "application/x-ndjson")
-        .send()
-        .await
-        .unwrap();
+    let res = app.ndjson("/v1/institutions/100/events", KEY_100).await;
     assert_eq!(res.status().as_u16(), 200);
     let mut body = res.bytes_stream();
     let first = body.next().await.unwrap().unwrap();

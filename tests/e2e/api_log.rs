@@ -384,14 +384,7 @@ async fn a_whole_log_export_is_held_back_by_a_reader_that_stops() {
     .await;
 
     let exported = || app.running().api().exported_events();
-    let res = app
-        .client
-        .get(app.url("/v1/events"))
-        .bearer_auth(OPERATOR_KEY)
-        .header("accept", "application/x-ndjson")
-        .send()
-        .await
-        .unwrap();
+    let res = app.ndjson("/v1/events", OPERATOR_KEY).await;
     assert_eq!(res.status().as_u16(), 200);
     let mut body = res.bytes_stream();
     let first = body.next().await.unwrap().unwrap();
@@ -441,14 +434,7 @@ async fn a_whole_log_export_is_held_back_by_a_reader_that_stops() {
 
     // A client that goes away mid-export stops it.
     let before = exported();
-    let res = app
-        .client
-        .get(app.url("/v1/events"))
-        .bearer_auth(OPERATOR_KEY)
-        .header("accept", "application/x-ndjson")
-        .send()
-        .await
-        .unwrap();
+    let res = app.ndjson("/v1/events", OPERATOR_KEY).await;
     let mut body = res.bytes_stream();
     body.next().await.unwrap().unwrap();
     drop(body);
@@ -510,14 +496,7 @@ async fn an_unreadable_data_column_is_damage_naming_its_position() {
         assert!(message.contains("position 3"), "{message}");
     }
 
-    let res = app
-        .client
-        .get(app.url("/v1/events"))
-        .bearer_auth(OPERATOR_KEY)
-        .header("accept", "application/x-ndjson")
-        .send()
-        .await
-        .unwrap();
+    let res = app.ndjson("/v1/events", OPERATOR_KEY).await;
     assert_eq!(res.status().as_u16(), 200);
     let mut body = res.bytes_stream();
     let mut received = Vec::new();

@@ -157,6 +157,17 @@ impl TestApp {
         (status, headers, res.text().await.unwrap())
     }
 
+    /// GET `path` as an NDJSON export with `key`, its body left to stream.
+    pub async fn ndjson(&self, path: &str, key: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(key)
+            .header("accept", "application/x-ndjson")
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// GET `path` as JSON with `key`: status, `X-Consistent-Through` and body.
     pub async fn api_json(&self, path: &str, key: &str) -> (u16, Option<u64>, Value) {
         let (status, headers, body) = self.api_get(path, Some(key), None).await;
