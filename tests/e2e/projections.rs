@@ -278,6 +278,26 @@ async fn dead_letters_are_listed_and_stop_mode_halts() {
     wait_for_checkpoints(&read, 3).await;
     project.kill().unwrap();
     project.wait().unwrap();
+
+    // Where each projection stands, without a server.
+    let out = tracker_command(&["status"], &data).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let statuses: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            serde_json::json!({"projection": "institutions", "checkpoint": 3, "lag": 0}),
+            serde_json::json!({"projection": "learners", "checkpoint": 3, "lag": 0}),
+        ]
+    );
+
     let out = tracker_command(&["dead-letters"], &data).output().unwrap();
     assert!(out.status.success());
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)

@@ -176,6 +176,36 @@ impl Launcher {
         Ok((elapsed, peak, cpu))
     }
 
+    /// `tracker status` with `env`: each projection's checkpoint, as the
+    /// read store holds it.
+    pub fn status(&self, env: &[(&str, String)]) -> Result<Vec<(String, u64)>, ChildError> {
+        let mut cmd = self.command(&["status"])?;
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let log_start = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
+        let out = cmd.stdout(Stdio::piped()).output()?;
+        let failed = |status: String| ChildError::Failed {
+            what: "status".into(),
+            status,
+            log: self.log_since(log_start),
+        };
+        if !out.status.success() {
+            return Err(failed(out.status.to_string()));
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .map_err(|e| failed(format!("printed {line:?}: {e}")))?;
+                match (v["projection"].as_str(), v["checkpoint"].as_u64()) {
+                    (Some(p), Some(c)) => Ok((p.to_owned(), c)),
+                    _ => Err(failed(format!("printed {line:?}"))),
+                }
+            })
+            .collect()
+    }
+
     fn log_since(&self, offset: u64) -> String {
         let text = std::fs::read(&self.log).unwrap_or_default();
         let from = usize::try_from(offset).unwrap_or(0).min(text.len());

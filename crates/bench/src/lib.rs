@@ -539,8 +539,8 @@ fn progress_printer(serve: &Serve) -> (Arc<AtomicBool>, tokio::task::JoinHandle<
     (done, task)
 }
 
-const REPLAY_SQLITE_METHOD: &str = "`tracker replay` on the stopped ingest data directory: rebuilds both projections from position 0 into a new SQLite generation and switches to it; events/s = log head / wall time of the process (start-up included)";
-const REPLAY_PG_METHOD: &str = "`tracker replay` on the same data directory with TRACKER_READ_STORE_URL pointing at a fresh PostgreSQL database on the given server (created before and dropped after by the bench); events/s = log head / wall time of the process";
+const REPLAY_SQLITE_METHOD: &str = "`tracker replay` on the stopped ingest data directory: rebuilds both projections from position 0 into a new SQLite generation and switches to it; events/s = log head / wall time of the process (start-up included); then `tracker status` must show both projections at the log's head, or the phase fails";
+const REPLAY_PG_METHOD: &str = "`tracker replay` on the same data directory with TRACKER_READ_STORE_URL pointing at a fresh PostgreSQL database on the given server (created before and dropped after by the bench); events/s = log head / wall time of the process; then `tracker status` must show both projections at the log's head, or the phase fails";
 
 async fn replay_phase(launcher: &Launcher, head: u64, postgres: Option<&str>) -> Phase<Replay> {
     let method = if postgres.is_some() {
@@ -572,7 +572,11 @@ async fn replay_phase(launcher: &Launcher, head: u64, postgres: Option<&str>) ->
     ));
     let l = launcher.clone();
     let bench_cpu = child::own_cpu_secs();
-    let outcome = tokio::task::spawn_blocking(move || l.replay(&env)).await;
+    let outcome = tokio::task::spawn_blocking(move || {
+        let replayed = l.replay(&env)?;
+        Ok::<_, child::ChildError>((replayed, l.status(&env)?))
+    })
+    .await;
     let bench_cpu = child::own_cpu_secs() - bench_cpu;
     if let Some(db) = db
         && let Err(e) = db.drop_database().await
@@ -580,7 +584,19 @@ async fn replay_phase(launcher: &Launcher, head: u64, postgres: Option<&str>) ->
         say(e);
     }
     match outcome {
-        Ok(Ok((elapsed, rss, cpu))) => {
+        // The rebuilt read models must hold the whole log: a replay that
+        // exits 0 having projected less is a failed phase, not a rate.
+        Ok(Ok((_, checkpoints)))
+            if checkpoints.len() < 2 || checkpoints.iter().any(|(_, c)| *c != head) =>
+        {
+            Phase::failed(
+                method,
+                format!(
+                    "after the replay the projections stand at {checkpoints:?}, not at the log's head {head}"
+                ),
+            )
+        }
+        Ok(Ok(((elapsed, rss, cpu), _))) => {
             let secs = elapsed.as_secs_f64();
             let r = Replay {
                 events: head,

@@ -69,6 +69,12 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Print each projection's checkpoint and lag against the event log, a
+    /// JSON object a line: what `/readyz` lists, without a running server.
+    Status {
+        #[command(flatten)]
+        common: Common,
+    },
     /// List the events the projections could not apply.
     DeadLetters {
         #[command(flatten)]
@@ -227,6 +233,17 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let read = open_read_store(&config).await?;
             let generation = replay::run(backend.event_store(), &*read).await?;
             println!("read models rebuilt; generation {generation} is now current");
+            backend.close().await?;
+            Ok(())
+        }
+        Command::Status { common } => {
+            let config = load(&common, None)?;
+            let backend = EventStoreBackend::open(&config).await?;
+            let read = open_read_store(&config).await?;
+            let head = backend.event_store().head().await?;
+            for status in tracker::ops::projection_status(&*read, head, None).await? {
+                println!("{}", serde_json::to_string(&status)?);
+            }
             backend.close().await?;
             Ok(())
         }
