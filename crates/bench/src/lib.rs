@@ -611,7 +611,7 @@ async fn replay_phase(launcher: &Launcher, head: u64, postgres: Option<&str>) ->
     }
 }
 
-const FIXED_METHOD: &str = "open loop: `tracker serve` with its projector (SQLite read models, caught up by the replay), new deliveries intended at start + i/rate (rate = half the ingest peak) over the same number of connections (connection k sends requests k, k+C, ...; a connection still busy at an intended time sends late); latency from the intended send time to the whole answer (coordinated-omission corrected; timer granularity of the generator included, shown as generator_send_lag); service_time is from the actual send";
+const FIXED_METHOD: &str = "open loop: `tracker serve` with its projector (SQLite read models, caught up by the replay), new deliveries intended at start + i/rate (rate = half the ingest peak) over the same number of connections (connection k sends requests k, k+C, ...; a connection still busy at an intended time sends late, counted in late_sends, and past 1% of the requests the table says the server fell behind the rate); latency from the intended send time to the whole answer (coordinated-omission corrected; timer granularity of the generator included, shown as generator_send_lag); service_time is from the actual send";
 const LAG_METHOD: &str = "every accepted append (position, time its 200 arrived) against the checkpoints of both projections, polled every lag_poll_ms on a separate connection (X-Consistent-Through of one cheap query per projection when the query API exists, else GET /metrics; see checkpoints_from): visible when the slower projection's checkpoint reaches the position (rows and checkpoint are one transaction), at the arrival of that poll's answer; an upper bound with a resolution of one poll (see median_poll_interval_ms)";
 const QUERY_METHOD: &str = "closed loop for a fixed time per endpoint over keep-alive connections with an operator API key, on the server of the fixed-rate phase (log = ingest + fixed-rate deliveries); institutions and learners drawn from the generated deliveries (so large institutions are asked about more), every answer must be 200";
 const EXPORT_METHOD: &str = "GET /v1/events (the whole log, operator key) with Accept: application/x-ndjson on one keep-alive connection, body streamed and its lines counted (never held), at most export_secs; events/s = lines / wall time from sending the request to the last byte; complete = lines == log head; then GET /v1/institutions/{id}/events of the largest institution the same way; memory = peak VmRSS of tracker serve during each export less VmRSS before the phase";
@@ -833,6 +833,7 @@ async fn fixed_phase(
         lag(&run.acks, &polls, source_name, run.elapsed)
     };
     let secs = run.elapsed.as_secs_f64();
+    let sent = (run.ok + run.failures.total()).max(1);
     let result = FixedRate {
         target_per_sec: rate,
         achieved_per_sec: run.ok as f64 / secs.max(1e-9),
@@ -842,6 +843,8 @@ async fn fixed_phase(
         latency: Latency::from_micros(run.from_intended_us),
         service_time: Latency::from_micros(run.service_us),
         generator_send_lag: Latency::from_micros(run.idle_send_lag_us),
+        late_sends: run.late_sends,
+        late_share: run.late_sends as f64 / sent as f64,
         lag,
         catch_up_after_secs: None,
     };

@@ -347,6 +347,9 @@ pub struct OpenRun {
     /// `(position, microseconds from start when the answer arrived)` of
     /// every accepted delivery.
     pub acks: Vec<(u64, u64)>,
+    /// Requests whose connection was still waiting for an earlier answer at
+    /// their intended time: the server did not keep up with the rate.
+    pub late_sends: u64,
 }
 
 /// Open loop at `rate` requests/s over `connections` connections; every
@@ -385,6 +388,7 @@ pub async fn open_loop(
         run.idle_send_lag_us
             .extend_from_slice(&part.idle_send_lag_us);
         run.acks.extend_from_slice(&part.acks);
+        run.late_sends += part.late_sends;
     }
     run.elapsed = started.elapsed();
     Ok(run)
@@ -426,6 +430,8 @@ async fn open_connection(
         let sent = Instant::now();
         if idle {
             run.idle_send_lag_us.push(micros(sent - intended));
+        } else {
+            run.late_sends += 1;
         }
         match send(&mut sender, req).await {
             Ok((status, body)) => {

@@ -149,6 +149,10 @@ pub struct FixedRate {
     pub service_time: Latency,
     /// How late the generator itself sent when the connection was idle.
     pub generator_send_lag: Latency,
+    /// Requests sent late because their connection still waited for an
+    /// earlier answer (the server behind the rate), and their share of all.
+    pub late_sends: u64,
+    pub late_share: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lag: Option<Lag>,
     /// How long after the last answer of the phase the projections reached
@@ -301,8 +305,15 @@ pub fn table(p: &Phases) -> Vec<Row> {
     rows.push(Row {
         measure: "ingest latency at half of peak (from intended send)".into(),
         result: status_or(&p.fixed_rate, |r| {
+            // Past 1% the server did not hold the rate: its queue, and the
+            // latency, grew with the phase's length.
+            let behind = if r.late_share > 0.01 {
+                format!(", {:.0}% sent late: behind the rate", r.late_share * 100.0)
+            } else {
+                String::new()
+            };
             format!(
-                "p50 {:.2} / p99 {:.2} / p99.9 {:.2} ms at {:.0}/s",
+                "p50 {:.2} / p99 {:.2} / p99.9 {:.2} ms at {:.0}/s{behind}",
                 r.latency.p50_ms, r.latency.p99_ms, r.latency.p999_ms, r.achieved_per_sec
             )
         }),

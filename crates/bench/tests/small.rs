@@ -121,6 +121,8 @@ fn every_phase_completes_and_reports_numbers() {
     positive(fixed, "service_time.p50_ms");
     positive(fixed, "lag.latency.count");
     assert_eq!(fixed["lag"]["never_visible"], 0, "{fixed:#}");
+    let late = fixed["late_share"].as_f64().unwrap_or(-1.0);
+    assert!((0.0..=1.0).contains(&late), "late_share {late}: {fixed:#}");
     positive(&report["phases"]["fixed_rate"], "peak_rss_mib");
 
     // This tracker has the query API: the fallback for trackers without it
