@@ -97,6 +97,9 @@ pub struct Runner {
     read: Arc<dyn ReadStore>,
     key: CheckpointKey,
     config: RunnerConfig,
+    /// When the lease was last taken or renewed (every applied batch renews
+    /// it in its own transaction).
+    lease_renewed: std::sync::Mutex<std::time::Instant>,
 }
 
 enum Step {
@@ -121,7 +124,39 @@ impl Runner {
                 partition: config.partition,
             },
             config,
+            lease_renewed: std::sync::Mutex::new(std::time::Instant::now()),
         }
+    }
+
+    fn mark_lease_renewed(&self) {
+        *self
+            .lease_renewed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::time::Instant::now();
+    }
+
+    /// Renews the lease before a batch is written when a third of its time
+    /// has passed since it was last renewed: reading and decoding a batch
+    /// (or waiting for the other runner's decode) may outlast it, and the
+    /// write would then find it expired and start the same batch over, for
+    /// ever. False when another projector holds it now.
+    async fn lease_still_held(&self) -> bool {
+        let Some((_, ttl)) = &self.config.lease else {
+            return true;
+        };
+        let since = self
+            .lease_renewed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .elapsed();
+        if since < *ttl / 3 {
+            return true;
+        }
+        let held = self.renew_lease().await;
+        if held {
+            self.mark_lease_renewed();
+        }
+        held
     }
 
     pub fn key(&self) -> CheckpointKey {
@@ -136,22 +171,24 @@ impl Runner {
     /// halts it. Store failures are retried with backoff, never fatal.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), RunnerError> {
         let mut backoff = Backoff::default();
-        loop {
+        let ended = loop {
             if *shutdown.borrow() {
-                break;
+                break Ok(());
             }
             match self.session(&mut shutdown, &mut backoff).await {
-                Ok(Step::Stop) => break,
+                Ok(Step::Stop) => break Ok(()),
                 Ok(Step::Restart) => {}
-                Err(e) => return Err(e),
+                Err(e) => break Err(e),
             }
-        }
+        };
+        // Halted or stopped, a standby projector may take over at once
+        // rather than wait out the lease.
         if let Some((holder, _)) = &self.config.lease
             && let Err(e) = self.read.release_lease(&self.key.to_string(), holder).await
         {
             tracing::warn!(key = %self.key, error = %e, "could not release lease");
         }
-        Ok(())
+        ended
     }
 
     /// Takes the lease, then projects from the checkpoint until something
@@ -185,7 +222,7 @@ impl Runner {
                 .acquire_lease(&self.key.to_string(), holder, *ttl)
                 .await
             {
-                Ok(true) => {}
+                Ok(true) => self.mark_lease_renewed(),
                 Ok(false) => {
                     tracing::info!(key = %self.key, "another projector holds the lease; waiting");
                     return Ok(self.pause(shutdown, *ttl / 3).await);
@@ -274,6 +311,7 @@ impl Runner {
                         if !self.renew_lease().await || self.generation_moved().await {
                             return Ok(Step::Restart);
                         }
+                        self.mark_lease_renewed();
                         continue;
                     }
                 };
@@ -390,9 +428,13 @@ impl Runner {
             through,
             lease: self.config.lease.clone(),
         };
+        if !self.lease_still_held().await {
+            return Err(Applied::Restart);
+        }
         let started = std::time::Instant::now();
         match self.read.apply(batch).await {
             Ok(()) => {
+                self.mark_lease_renewed();
                 tracing::debug!(key = %self.key, through, events = events_read, completions = completions_in,
                     apply_ms = started.elapsed().as_secs_f64() * 1e3, "batch applied");
             }

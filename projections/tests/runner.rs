@@ -173,17 +173,28 @@ async fn a_projection_behind_applies_whole_batches_then_follows_live() {
     assert_eq!(read.checkpoint(key).await.unwrap(), 2_501);
 }
 
-/// An event store whose first subscription yields one event and, in the
-/// same burst, an error, then ends (as a store's subscription does when it
-/// fails); later subscriptions are the store's own.
+/// The embedded event store with faults: a first subscription that yields
+/// one event and, in the same burst, an error, then ends (as a store's
+/// subscription does when it fails); reads of the log that take a while.
 #[derive(Debug)]
-struct FailingOnce {
+struct Faulty {
     inner: SqliteEventStore,
-    failed: std::sync::atomic::AtomicBool,
+    subscription_failed: std::sync::atomic::AtomicBool,
+    read_delay: Duration,
+}
+
+impl Faulty {
+    fn open(dir: &std::path::Path, fail_a_subscription: bool, read_delay: Duration) -> Self {
+        Self {
+            inner: SqliteEventStore::open(dir.join("events.sqlite")).unwrap(),
+            subscription_failed: std::sync::atomic::AtomicBool::new(!fail_a_subscription),
+            read_delay,
+        }
+    }
 }
 
 #[async_trait]
-impl EventStore for FailingOnce {
+impl EventStore for Faulty {
     async fn append(
         &self,
         stream: &str,
@@ -204,6 +215,7 @@ impl EventStore for FailingOnce {
         &self,
         read: tracker_store::ReadAll,
     ) -> Result<Vec<tracker_store::RecordedEvent>, tracker_store::StoreError> {
+        tokio::time::sleep(self.read_delay).await;
         self.inner.read_all(read).await
     }
     async fn head(&self) -> Result<Position, tracker_store::StoreError> {
@@ -212,7 +224,10 @@ impl EventStore for FailingOnce {
     fn subscribe_all(&self, from: Position) -> tracker_store::Subscription {
         use futures::StreamExt as _;
         let inner = self.inner.subscribe_all(from);
-        if self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if self
+            .subscription_failed
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
             return inner;
         }
         Box::pin(inner.take(1).chain(futures::stream::iter([Err(
@@ -229,11 +244,7 @@ impl EventStore for FailingOnce {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_failing_mid_burst_is_retried_not_the_end() {
     let dir = tempfile::tempdir().unwrap();
-    let store = FailingOnce {
-        inner: SqliteEventStore::open(dir.path().join("events.sqlite")).unwrap(),
-        failed: std::sync::atomic::AtomicBool::new(false),
-    };
-    let events: Arc<dyn EventStore> = Arc::new(store);
+    let events: Arc<dyn EventStore> = Arc::new(Faulty::open(dir.path(), true, Duration::ZERO));
     let read = Recording {
         inner: SqliteReadStore::open(dir.path().join("readmodels")).unwrap(),
         applied: Arc::default(),
@@ -259,4 +270,83 @@ async fn a_subscription_failing_mid_burst_is_retried_not_the_end() {
     task.await.unwrap().unwrap();
     let key = CheckpointKey::whole(ProjectionKind::Learners);
     assert_eq!(read.checkpoint(key).await.unwrap(), 20);
+}
+
+/// Reading a batch that outlasts the lease does not lose the lease for
+/// good: it is renewed before the batch is written, and the projection
+/// advances (it used to find the lease expired at every write and read the
+/// same batch again, for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_slower_to_read_than_the_lease_still_advance() {
+    let dir = tempfile::tempdir().unwrap();
+    let events: Arc<dyn EventStore> = Arc::new(Faulty::open(
+        dir.path(),
+        false,
+        Duration::from_millis(1_200),
+    ));
+    let read = Recording {
+        inner: SqliteReadStore::open(dir.path().join("readmodels")).unwrap(),
+        applied: Arc::default(),
+    };
+    append(events.as_ref(), 0..30).await;
+    let config = RunnerConfig {
+        batch_size: 10,
+        lease: Some((LeaseHolder::new_random(), Duration::from_secs(1))),
+        ..RunnerConfig::default()
+    };
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(
+        Runner::new(
+            Arc::clone(&events),
+            Arc::new(read.clone()),
+            ProjectionKind::Learners,
+            config,
+        )
+        .run(stopped),
+    );
+    wait_for(&read.applied, 30).await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+/// A runner halted by `on_error = stop` lets go of its lease, so that a
+/// standby projector (once the event is dealt with) need not wait it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halted_runner_releases_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let events: Arc<dyn EventStore> =
+        Arc::new(SqliteEventStore::open(dir.path().join("events.sqlite")).unwrap());
+    let read = SqliteReadStore::open(dir.path().join("readmodels")).unwrap();
+    append(events.as_ref(), 0..3).await;
+    let (_, mut undecodable) = event(99);
+    undecodable.data = "{\"not\": \"a completion\"}".into();
+    events
+        .append("learner-1-1", ExpectedRevision::Any, vec![undecodable])
+        .await
+        .unwrap();
+    let config = RunnerConfig {
+        on_error: tracker_projections::runner::OnError::Stop,
+        ..RunnerConfig::default()
+    };
+    let (_stop, stopped) = watch::channel(false);
+    let ended = tokio::time::timeout(
+        Duration::from_secs(20),
+        Runner::new(
+            Arc::clone(&events),
+            Arc::new(read.clone()),
+            ProjectionKind::Learners,
+            config,
+        )
+        .run(stopped),
+    )
+    .await
+    .expect("the runner halts");
+    assert!(
+        matches!(
+            ended,
+            Err(tracker_projections::runner::RunnerError::Halted { position: 4, .. })
+        ),
+        "{ended:?}"
+    );
+    assert!(read.live_leases().await.unwrap().is_empty());
 }
