@@ -131,31 +131,46 @@ async fn wait_for(applied: &Mutex<Vec<Position>>, position: Position) {
     }
 }
 
+/// A recording read store in `dir`.
+fn recording(dir: &std::path::Path) -> Recording {
+    Recording {
+        inner: SqliteReadStore::open(dir.join("readmodels")).unwrap(),
+        applied: Arc::default(),
+    }
+}
+
+/// Starts a learners runner; send `true` to stop it.
+fn spawn_runner(
+    events: &Arc<dyn EventStore>,
+    read: &Recording,
+    config: RunnerConfig,
+) -> (
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<Result<(), tracker_projections::runner::RunnerError>>,
+) {
+    let (stop, stopped) = watch::channel(false);
+    let runner = Runner::new(
+        Arc::clone(events),
+        Arc::new(read.clone()),
+        ProjectionKind::Learners,
+        config,
+    );
+    (stop, tokio::spawn(runner.run(stopped)))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projection_behind_applies_whole_batches_then_follows_live() {
     let dir = tempfile::tempdir().unwrap();
     let events: Arc<dyn EventStore> =
         Arc::new(SqliteEventStore::open(dir.path().join("events.sqlite")).unwrap());
-    let read = Recording {
-        inner: SqliteReadStore::open(dir.path().join("readmodels")).unwrap(),
-        applied: Arc::default(),
-    };
+    let read = recording(dir.path());
     append(events.as_ref(), 0..2_500).await;
 
     let config = RunnerConfig {
         batch_size: 1_000,
         ..RunnerConfig::default()
     };
-    let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(
-        Runner::new(
-            Arc::clone(&events),
-            Arc::new(read.clone()),
-            ProjectionKind::Learners,
-            config,
-        )
-        .run(stopped),
-    );
+    let (stop, task) = spawn_runner(&events, &read, config);
     wait_for(&read.applied, 2_500).await;
     // The subscription would hand over its own read size (512 for the
     // embedded store); the catch-up reads `batch_size` at a time.
@@ -245,21 +260,9 @@ impl EventStore for Faulty {
 async fn a_subscription_failing_mid_burst_is_retried_not_the_end() {
     let dir = tempfile::tempdir().unwrap();
     let events: Arc<dyn EventStore> = Arc::new(Faulty::open(dir.path(), true, Duration::ZERO));
-    let read = Recording {
-        inner: SqliteReadStore::open(dir.path().join("readmodels")).unwrap(),
-        applied: Arc::default(),
-    };
+    let read = recording(dir.path());
     append(events.as_ref(), 0..10).await;
-    let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(
-        Runner::new(
-            Arc::clone(&events),
-            Arc::new(read.clone()),
-            ProjectionKind::Learners,
-            RunnerConfig::default(),
-        )
-        .run(stopped),
-    );
+    let (stop, task) = spawn_runner(&events, &read, RunnerConfig::default());
     wait_for(&read.applied, 10).await;
     // Live: the first subscription hands over one event and fails.
     append(events.as_ref(), 10..13).await;
@@ -284,26 +287,14 @@ async fn batches_slower_to_read_than_the_lease_still_advance() {
         false,
         Duration::from_millis(1_200),
     ));
-    let read = Recording {
-        inner: SqliteReadStore::open(dir.path().join("readmodels")).unwrap(),
-        applied: Arc::default(),
-    };
+    let read = recording(dir.path());
     append(events.as_ref(), 0..30).await;
     let config = RunnerConfig {
         batch_size: 10,
         lease: Some((LeaseHolder::new_random(), Duration::from_secs(1))),
         ..RunnerConfig::default()
     };
-    let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(
-        Runner::new(
-            Arc::clone(&events),
-            Arc::new(read.clone()),
-            ProjectionKind::Learners,
-            config,
-        )
-        .run(stopped),
-    );
+    let (stop, task) = spawn_runner(&events, &read, config);
     wait_for(&read.applied, 30).await;
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
