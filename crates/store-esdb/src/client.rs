@@ -194,6 +194,9 @@ const APPEND_STRIPES: usize = 256;
 /// intervals, so that the index reports a checkpoint past the oldest.
 const HEAD_SCAN: usize = 512;
 
+/// Events per call when a stream is read (see `read_stream_raw`).
+const STREAM_PAGE: usize = 1_024;
+
 /// Tunables of [`EsdbEventStore::connect`].
 #[derive(Debug, Clone)]
 pub struct EsdbOptions {
@@ -709,8 +712,35 @@ impl Shared {
     }
 
     /// Every event of one server stream from revision `from`, at most
-    /// `limit`; a missing stream reads as empty.
+    /// `limit`; a missing stream reads as empty. Read in pages of
+    /// [`STREAM_PAGE`], each call under its own deadline: an append's first
+    /// read of a long stream (an institution's, growing for years) must not
+    /// be one call that can never finish in time.
     async fn read_stream_raw(
+        &self,
+        name: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<EsRecorded>, StoreError> {
+        let mut events = Vec::new();
+        let mut from = from;
+        while events.len() < limit {
+            let want = (limit - events.len()).min(STREAM_PAGE);
+            let page = self.read_stream_page(name, from, want).await?;
+            let short = page.len() < want;
+            if let Some(last) = page.last() {
+                from = last.revision.saturating_add(1);
+            }
+            events.extend(page);
+            if short {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    /// One call of [`Self::read_stream_raw`].
+    async fn read_stream_page(
         &self,
         name: &str,
         from: u64,

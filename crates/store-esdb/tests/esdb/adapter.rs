@@ -704,3 +704,32 @@ async fn a_checkpoint_at_the_end_of_the_log_loses_no_event_after_a_reconnect() {
     let ids: Vec<Uuid> = all(&store).await.iter().map(|e| e.id).collect();
     assert_eq!(ids, [simple(1).id, simple(2).id]);
 }
+
+/// A stream longer than a read page (an institution's stream grows for
+/// years) is read in pages, each call under its own deadline, and whole: a
+/// new process's first append to it still finds every earlier id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stream_is_read_in_pages_and_whole() {
+    let node = node().await;
+    let prefix = unique_prefix();
+    let store = store_on(&node, &prefix).await;
+    for chunk in 0..11u64 {
+        let events = (chunk * 100..chunk * 100 + 100).map(simple).collect();
+        append(&store, "institution-1", ExpectedRevision::Any, events).await;
+    }
+    let fresh = store_on(&node, &prefix).await;
+    let reads_before = node.reads_served();
+    let again = fresh
+        .append("institution-1", ExpectedRevision::Any, vec![simple(0)])
+        .await
+        .unwrap();
+    assert!(again.events[0].duplicate, "{again:?}");
+    assert_eq!(again.events[0].position, 1);
+    assert_eq!(node.reads_served() - reads_before, 2, "pages of 1,024");
+    let all = fresh
+        .read_stream("institution-1", 0, usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1_100);
+    assert!(all.iter().enumerate().all(|(i, e)| e.revision == i as u64));
+}
