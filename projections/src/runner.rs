@@ -102,6 +102,13 @@ pub struct Runner {
     lease_renewed: std::sync::Mutex<std::time::Instant>,
 }
 
+/// How a followed subscription came to an end.
+enum Ended {
+    /// It ended: the store was shut down.
+    Closed,
+    Failed(tracker_store::StoreError),
+}
+
 enum Step {
     /// Start over from the stored checkpoint (lease lost, generation changed,
     /// subscription failed).
@@ -152,11 +159,7 @@ impl Runner {
         if since < *ttl / 3 {
             return true;
         }
-        let held = self.renew_lease().await;
-        if held {
-            self.mark_lease_renewed();
-        }
-        held
+        self.renew_lease().await
     }
 
     pub fn key(&self) -> CheckpointKey {
@@ -311,27 +314,25 @@ impl Runner {
                         if !self.renew_lease().await || self.generation_moved().await {
                             return Ok(Step::Restart);
                         }
-                        self.mark_lease_renewed();
                         continue;
                     }
                 };
                 let mut events = Vec::with_capacity(64);
-                // A subscription yields an error once and then ends: either
-                // way it is over, and the log is read again from here after
-                // a pause (only a shutdown stops the runner).
+                // A subscription that fails yields its error once and ends:
+                // what came before it is applied, and the log is read again
+                // from there after a pause. One that just ends means the
+                // store was shut down (a node drained): the runner stops.
                 let mut ended = None;
                 match first {
-                    None => ended = Some("event subscription ended".to_owned()),
-                    Some(Err(e)) => ended = Some(format!("event subscription failed: {e}")),
+                    None => ended = Some(Ended::Closed),
+                    Some(Err(e)) => ended = Some(Ended::Failed(e)),
                     Some(Ok(e)) => events.push(e),
                 }
                 while ended.is_none() && events.len() < self.batch_size() {
                     match subscription.next().now_or_never() {
                         Some(Some(Ok(e))) => events.push(e),
-                        Some(Some(Err(e))) => {
-                            ended = Some(format!("event subscription failed: {e}"));
-                        }
-                        Some(None) => ended = Some("event subscription ended".to_owned()),
+                        Some(Some(Err(e))) => ended = Some(Ended::Failed(e)),
+                        Some(None) => ended = Some(Ended::Closed),
                         None => break,
                     }
                 }
@@ -345,12 +346,13 @@ impl Runner {
                 if let Err(step) = self.apply_or_step(events, after, shutdown, backoff).await? {
                     return Ok(step);
                 }
-                if let Some(why) = ended {
-                    if *shutdown.borrow() {
-                        return Ok(Step::Stop);
+                match ended {
+                    None => {}
+                    Some(Ended::Closed) => return Ok(Step::Stop),
+                    Some(Ended::Failed(e)) => {
+                        tracing::warn!(key = %self.key, next, error = %e, "event subscription failed; reading on after a pause");
+                        return Ok(self.pause(shutdown, backoff.next()).await);
                     }
-                    tracing::warn!(key = %self.key, next, "{why}; reading on after a pause");
-                    return Ok(self.pause(shutdown, backoff.next()).await);
                 }
                 if behind {
                     break;
@@ -369,9 +371,14 @@ impl Runner {
         shutdown: &mut watch::Receiver<bool>,
         backoff: &mut Backoff,
     ) -> Result<Result<(), Step>, RunnerError> {
+        let any = !events.is_empty();
         match self.apply(events, after).await {
             Ok(()) => {
-                backoff.reset();
+                // Only progress resets the backoff: the (usually empty)
+                // catch-up read that starts every session is not progress.
+                if any {
+                    backoff.reset();
+                }
                 Ok(Ok(()))
             }
             Err(Applied::Restart) => Ok(Err(Step::Restart)),
@@ -473,7 +480,12 @@ impl Runner {
             .acquire_lease(&self.key.to_string(), holder, *ttl)
             .await
         {
-            Ok(held) => held,
+            Ok(held) => {
+                if held {
+                    self.mark_lease_renewed();
+                }
+                held
+            }
             Err(e) => {
                 tracing::warn!(key = %self.key, error = %e, "renewing the lease");
                 false

@@ -341,3 +341,21 @@ async fn a_halted_runner_releases_its_lease() {
     );
     assert!(read.live_leases().await.unwrap().is_empty());
 }
+
+/// A subscription that simply ends means the store was shut down (a node
+/// being drained): the runner stops rather than retry for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_stops_when_its_store_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteEventStore::open(dir.path().join("events.sqlite")).unwrap();
+    let events: Arc<dyn EventStore> = Arc::new(store.clone());
+    let read = recording(dir.path());
+    append(events.as_ref(), 0..5).await;
+    let (_stop, task) = spawn_runner(&events, &read, RunnerConfig::default());
+    wait_for(&read.applied, 5).await;
+    store.close().await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the runner stops once its store is closed");
+    ended.unwrap().unwrap();
+}
