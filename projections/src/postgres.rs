@@ -1863,8 +1863,10 @@ impl ReadStore for PgReadStore {
             .map_err(pg("reading the checkpoint"))?;
         let checkpoint = u64::try_from(checkpoint).unwrap_or(0);
         if batch.through <= checkpoint {
-            // Redelivered: already applied, nothing to do.
-            tx.rollback().await.map_err(pg("ending a batch"))?;
+            // Redelivered: already applied, nothing to do but keep the
+            // lease renewed above (the runner counts on every batch
+            // renewing it).
+            tx.commit().await.map_err(pg("ending a batch"))?;
             return Ok(());
         }
         if checkpoint < batch.after {

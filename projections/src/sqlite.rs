@@ -1544,8 +1544,9 @@ fn apply_blocking(
     }
     let checkpoint = read_checkpoint(&tx, key)?;
     if batch.through <= checkpoint {
-        // Redelivered: already applied, nothing to do.
-        return Ok(());
+        // Redelivered: already applied, nothing to do but keep the lease
+        // renewed above (the runner counts on every batch renewing it).
+        return tx.commit().map_err(storage);
     }
     if checkpoint < batch.after {
         return Err(ReadStoreError::Gap {
