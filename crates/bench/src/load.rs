@@ -414,9 +414,17 @@ async fn open_connection(
         ..OpenRun::default()
     };
     let mut i = k;
+    // When this connection's previous answer arrived.
+    let mut answered = started;
     while i < bodies.len() {
         let intended = started + Duration::from_secs_f64(i as f64 / rate);
         let idle = Instant::now() <= intended;
+        // Late because of the server: the connection was still waiting for
+        // its previous answer at this request's intended time (not the
+        // generator's own scheduling, which generator_send_lag shows).
+        if answered > intended {
+            run.late_sends += 1;
+        }
         if idle {
             tokio::time::sleep_until(intended.into()).await;
         }
@@ -430,12 +438,11 @@ async fn open_connection(
         let sent = Instant::now();
         if idle {
             run.idle_send_lag_us.push(micros(sent - intended));
-        } else {
-            run.late_sends += 1;
         }
         match send(&mut sender, req).await {
             Ok((status, body)) => {
                 let done = Instant::now();
+                answered = done;
                 run.from_intended_us.push(micros(done - intended));
                 run.service_us.push(micros(done - sent));
                 if (200..300).contains(&status) {
@@ -449,6 +456,7 @@ async fn open_connection(
             }
             Err(e) => {
                 run.failures.transport(&e);
+                answered = Instant::now();
                 match target.connect().await {
                     Ok(s) => sender = s,
                     Err(e) => {

@@ -202,7 +202,10 @@ impl<'de> serde::Deserialize<'de> for UniqueKeys {
     }
 }
 
-/// Builds the [`Value`] serde_json's own visitor would, but for repeated keys.
+/// Builds the [`Value`] serde_json's own visitor would, but for repeated
+/// keys, and for the key serde_json reserves for its `RawValue` (its own
+/// visitor reads that one's string as embedded JSON; here it is a key like
+/// any other).
 struct UniqueKeysVisitor;
 
 impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {

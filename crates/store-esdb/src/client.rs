@@ -1225,7 +1225,7 @@ impl Index {
         // waited on until the timeout, at every append.
         if last.commit == u64::MAX {
             return Err(StoreError::Storage(
-                "the server gives events read from their stream no $all position:                  the tracker needs EventStoreDB 22.6 or later (or KurrentDB)"
+                "the server gives events read from their stream no $all position: the tracker needs EventStoreDB 22.6 or later (or KurrentDB)"
                     .into(),
             ));
         }
