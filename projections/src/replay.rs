@@ -19,6 +19,7 @@ use crate::fold::Fold;
 use crate::model::Completion;
 use crate::plan::ProjectionKind;
 use crate::readstore::{DeadLetter, FinalLoad, ReadStore, ReadStoreError};
+use crate::runner::OnError;
 
 /// Events per slice read while rebuilding.
 pub const REPLAY_BATCH: usize = 10_000;
@@ -41,6 +42,13 @@ pub enum ReplayError {
     Events(#[from] tracker_store::StoreError),
     #[error("rebuild task failed: {0}")]
     Task(String),
+    /// Under `on_error = "stop"`, an event no projection can read: the
+    /// rebuild is not switched to (the live projectors halt before it too).
+    #[error(
+        "the rebuild stopped at position {position}: {error} (--on-error stop); \
+         the current read models are unchanged"
+    )]
+    Halted { position: Position, error: String },
 }
 
 /// One decoded slice of the log.
@@ -65,6 +73,17 @@ enum Step {
 pub async fn replay(
     events: Arc<dyn EventStore>,
     read: &dyn ReadStore,
+    progress: impl Fn(ReplayProgress) + Send + Sync + 'static,
+) -> Result<String, ReplayError> {
+    replay_with(events, read, OnError::DeadLetter, progress).await
+}
+
+/// [`replay`], with what to do with an event that cannot be read: record it
+/// in the dead letters and go on, or stop before it without switching.
+pub async fn replay_with(
+    events: Arc<dyn EventStore>,
+    read: &dyn ReadStore,
+    on_error: OnError,
     progress: impl Fn(ReplayProgress) + Send + Sync + 'static,
 ) -> Result<String, ReplayError> {
     let target: Arc<dyn ReadStore> = Arc::from(read.create_generation().await?);
@@ -106,6 +125,15 @@ pub async fn replay(
                 break;
             }
         };
+        if on_error == OnError::Stop
+            && let Some((position, _, _, error)) = slice.undecodable.first()
+        {
+            outcome = Err(ReplayError::Halted {
+                position: *position,
+                error: error.clone(),
+            });
+            break;
+        }
         head = head.max(slice.through);
         for step in &steps {
             if step.send(Step::Slice(Arc::clone(&slice))).await.is_err() {

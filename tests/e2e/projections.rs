@@ -310,4 +310,31 @@ async fn dead_letters_are_listed_and_stop_mode_halts() {
             .iter()
             .all(|l| l["position"] == 2 && l["event_type"] == "TrailCompleted")
     );
+
+    // A rebuild under on_error = stop stops before the same event, and the
+    // current read models stay current; without it, it dead-letters it.
+    let current = || {
+        SqliteReadStore::open(data.join("readmodels"))
+            .unwrap()
+            .generation()
+    };
+    let before = current();
+    let out = tracker_command(&["replay"], &data)
+        .env("TRACKER_PROJECTOR_ON_ERROR", "stop")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the rebuild stopped at position 2"),
+        "{stderr}"
+    );
+    assert_eq!(current(), before);
+    let out = tracker_command(&["replay"], &data).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(current(), before);
 }

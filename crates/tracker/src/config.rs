@@ -174,6 +174,15 @@ pub enum OnErrorSetting {
     Stop,
 }
 
+impl From<OnErrorSetting> for tracker_projections::runner::OnError {
+    fn from(setting: OnErrorSetting) -> Self {
+        match setting {
+            OnErrorSetting::DeadLetter => Self::DeadLetter,
+            OnErrorSetting::Stop => Self::Stop,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProjectorConfig {

@@ -231,7 +231,8 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             init_tracing(config.log_format);
             let backend = EventStoreBackend::open(&config).await?;
             let read = open_read_store(&config).await?;
-            let generation = replay::run(backend.event_store(), &*read).await?;
+            let on_error = config.projector.on_error.into();
+            let generation = replay::run(backend.event_store(), &*read, on_error).await?;
             println!("read models rebuilt; generation {generation} is now current");
             backend.close().await?;
             Ok(())

@@ -14,10 +14,10 @@ use tracker_projections::ProjectionKind;
 use tracker_projections::ReadStore;
 use tracker_projections::decode::{DecodeStats, SharedDecode};
 use tracker_projections::readstore::{LeaseHolder, Partition};
-use tracker_projections::runner::{OnError, Runner, RunnerConfig, RunnerError};
+use tracker_projections::runner::{Runner, RunnerConfig, RunnerError};
 use tracker_store::EventStore;
 
-use crate::config::{OnErrorSetting, ProjectorConfig};
+use crate::config::ProjectorConfig;
 
 /// Whether each runner of this process still runs, by checkpoint key, and
 /// what a runner that ended on its own said: under `serve` the receiver goes
@@ -113,10 +113,7 @@ impl Projector {
         let runner_config = RunnerConfig {
             partition,
             batch_size,
-            on_error: match config.on_error {
-                OnErrorSetting::DeadLetter => OnError::DeadLetter,
-                OnErrorSetting::Stop => OnError::Stop,
-            },
+            on_error: config.on_error.into(),
             lease: Some((holder, Duration::from_secs(config.lease_ttl_secs.max(1)))),
             decode: Arc::clone(&decode),
         };

@@ -8,11 +8,18 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use tracker_projections::ReadStore;
-use tracker_projections::replay::{ReplayError, ReplayProgress, replay};
+use tracker_projections::replay::{ReplayError, ReplayProgress, replay_with};
+use tracker_projections::runner::OnError;
 use tracker_store::EventStore;
 
 /// Rebuilds every read model and switches to them; returns the generation.
-pub async fn run(events: Arc<dyn EventStore>, read: &dyn ReadStore) -> Result<String, ReplayError> {
+/// Under `OnError::Stop` an event that cannot be read ends the rebuild
+/// before the switch.
+pub async fn run(
+    events: Arc<dyn EventStore>,
+    read: &dyn ReadStore,
+    on_error: OnError,
+) -> Result<String, ReplayError> {
     let head = events.head().await?;
     if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(head);
@@ -24,7 +31,7 @@ pub async fn run(events: Arc<dyn EventStore>, read: &dyn ReadStore) -> Result<St
             .progress_chars("=> "),
         );
         let shown = bar.clone();
-        let generation = replay(events, read, move |p: ReplayProgress| {
+        let generation = replay_with(events, read, on_error, move |p: ReplayProgress| {
             shown.set_length(p.head.max(p.done));
             shown.set_position(p.done);
         })
@@ -34,7 +41,7 @@ pub async fn run(events: Arc<dyn EventStore>, read: &dyn ReadStore) -> Result<St
     } else {
         let started = Instant::now();
         let last_line = Mutex::new(Instant::now());
-        replay(events, read, move |p: ReplayProgress| {
+        replay_with(events, read, on_error, move |p: ReplayProgress| {
             let Ok(mut last) = last_line.lock() else {
                 return;
             };
