@@ -681,9 +681,11 @@ async fn bad_parameters_are_400_naming_them_and_unknowns_404() {
     assert_eq!(res.status().as_u16(), 405);
     assert_eq!(res.headers()["allow"], "GET");
     // Without a key, neither says the path or the method exists: 401.
-    let (status, headers, body) = app.api_get("/v1/nothing", None, None).await;
-    assert_eq!(status, 401, "{body}");
-    assert_eq!(headers["www-authenticate"], "Bearer realm=\"tracker\"");
+    for path in ["/v1/nothing", "/v1"] {
+        let (status, headers, body) = app.api_get(path, None, None).await;
+        assert_eq!(status, 401, "{path}: {body}");
+        assert_eq!(headers["www-authenticate"], "Bearer realm=\"tracker\"");
+    }
     let res = app
         .client
         .post(app.url("/v1/institutions/100/summary"))

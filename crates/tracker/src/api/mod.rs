@@ -412,7 +412,8 @@ async fn request_context(
 /// the README says of every `/v1` request: a caller without a key learns
 /// nothing of which paths and methods exist.
 fn unauthenticated(req: &HttpRequest) -> Option<HttpResponse> {
-    if !req.path().starts_with("/v1/") {
+    let path = req.path();
+    if path != "/v1" && !path.starts_with("/v1/") {
         return None;
     }
     let Some(ctx) = req.app_data::<web::Data<ApiContext>>() else {
