@@ -52,9 +52,7 @@ async fn projection_progress_and_dead_letters_are_visible() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // Three events, one of which no projection can read.
-    seed_events(&data, vec![DOCUMENTED.to_owned()]).await;
-    append_undecodable(&data).await;
-    seed_events(&data, vec![MULTI.to_owned()]).await;
+    seed_three_the_second_undecodable(&data).await;
 
     // Whatever the projector has done so far, checkpoint and lag add up to
     // the head.
@@ -118,9 +116,7 @@ async fn projection_progress_and_dead_letters_are_visible() {
 async fn a_halted_projection_is_shown_and_deliveries_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    seed_events(&data, vec![DOCUMENTED.to_owned()]).await;
-    append_undecodable(&data).await;
-    seed_events(&data, vec![MULTI.to_owned()]).await;
+    seed_three_the_second_undecodable(&data).await;
 
     let app = TestApp::spawn_with(|c| {
         c.data_dir = data.clone();

@@ -259,9 +259,7 @@ async fn serve_without_projector_and_a_separate_project_process() {
 async fn dead_letters_are_listed_and_stop_mode_halts() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    seed_events(&data, vec![DOCUMENTED.to_owned()]).await;
-    append_undecodable(&data).await;
-    seed_events(&data, vec![MULTI.to_owned()]).await;
+    seed_three_the_second_undecodable(&data).await;
 
     let out = tracker_command(&["project", "--on-error", "stop"], &data)
         .output()

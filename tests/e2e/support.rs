@@ -434,6 +434,14 @@ pub async fn events_on_disk(data_dir: &Path) -> Vec<tracker_store::RecordedEvent
 }
 
 /// Appends an event of a known type whose data no projection can read.
+/// Three events in the embedded store of `data_dir`: the documented
+/// delivery, one no projection can read (position 2), the multi-course one.
+pub async fn seed_three_the_second_undecodable(data_dir: &Path) {
+    seed_events(data_dir, vec![DOCUMENTED.to_owned()]).await;
+    append_undecodable(data_dir).await;
+    seed_events(data_dir, vec![MULTI.to_owned()]).await;
+}
+
 pub async fn append_undecodable(data_dir: &Path) {
     use tracker_store::{EventMetadata, EventStore as _, ExpectedRevision, NewEvent};
     let store =
