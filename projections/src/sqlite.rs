@@ -1525,9 +1525,7 @@ fn apply_blocking(
             });
         }
     }
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(storage)?;
+    let tx = tracker_store::begin_immediate(conn).map_err(storage)?;
     let key = batch.key;
     let key_text = key.to_string();
     if let Some((holder, ttl)) = &batch.lease {
@@ -1882,9 +1880,7 @@ impl ReadStore for SqliteReadStore {
         let dir = self.dir.clone();
         let obsolete = self
             .with_control(move |c| {
-                let tx = c
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(storage)?;
+                let tx = tracker_store::begin_immediate(c).map_err(storage)?;
                 let number: i64 = tx
                     .query_row(
                         "SELECT number FROM generations WHERE name = ?1",

@@ -17,7 +17,7 @@
 pub mod contract;
 pub mod delivery_log;
 mod sql;
-pub use sql::{WAL_RESTART_FRAMES, enable_wal, in_read_transaction};
+pub use sql::{WAL_RESTART_FRAMES, begin_immediate, enable_wal, in_read_transaction};
 pub mod sqlite;
 
 use std::fmt;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::StoreError;
 
@@ -292,6 +292,21 @@ pub(crate) fn limit_to_i64(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
+/// `BEGIN IMMEDIATE` on a long-lived writer connection. rusqlite's
+/// `Transaction` rolls back when dropped but cannot report a ROLLBACK that
+/// failed (an I/O error at the wrong moment), and a connection left inside
+/// its transaction refuses every later `BEGIN` ("cannot start a transaction
+/// within a transaction"): its writer would fail every request for good.
+/// So a connection found still inside one is rolled back first; if even
+/// that fails, this write fails and the next one tries again.
+pub fn begin_immediate(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
+    if !conn.is_autocommit() {
+        tracing::warn!("a SQLite writer was left inside a transaction; rolling it back");
+        conn.execute_batch("ROLLBACK")?;
+    }
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+}
+
 /// `f` in one read transaction: one snapshot, and one WAL read lock and
 /// page-cache check instead of one per statement (a read of many rows by
 /// key spent about a quarter of its time more without it, in `fcntl` and
@@ -417,6 +432,33 @@ impl ReadPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer connection left inside a transaction (as a failed ROLLBACK
+    /// leaves it) is rolled back, not refused, by the next write, and what
+    /// the abandoned transaction wrote is gone.
+    #[test]
+    fn begin_immediate_recovers_a_connection_left_in_a_transaction() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (x INTEGER); BEGIN; INSERT INTO t VALUES (1);")
+            .unwrap();
+        assert!(!conn.is_autocommit());
+        assert!(
+            conn.transaction_with_behavior(TransactionBehavior::Immediate)
+                .is_err(),
+            "a plain BEGIN is refused inside a transaction"
+        );
+        let tx = begin_immediate(&mut conn).unwrap();
+        tx.execute("INSERT INTO t VALUES (2)", []).unwrap();
+        tx.commit().unwrap();
+        let rows: Vec<i64> = conn
+            .prepare("SELECT x FROM t")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, [2]);
+    }
 
     fn pool_with_file() -> (tempfile::TempDir, Arc<ReadPool>) {
         let dir = tempfile::tempdir().unwrap();

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::types::ValueRef;
-use rusqlite::{CachedStatement, Connection, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{CachedStatement, Connection, OptionalExtension, Row, params};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
@@ -1075,9 +1075,7 @@ impl Writer {
     }
 
     fn check_writable(&mut self) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = sql::begin_immediate(&mut self.conn)?;
         tx.rollback()?;
         Ok(())
     }
@@ -1116,9 +1114,7 @@ impl Writer {
         &mut self,
         group: &[PendingAppend],
     ) -> Result<(Vec<Result<AppendOutcome, AppendError>>, Position), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = sql::begin_immediate(&mut self.conn)?;
         // Read inside the write lock rather than trust a cached value: it is
         // one index seek per group and stays right whatever happened before.
         let mut head = read_head(&tx)?;
@@ -1450,6 +1446,49 @@ mod raw_tests {
         }
     }
 
+    fn test_writer(conn: Connection, path: &Path) -> Writer {
+        let (head, _) = watch::channel(0);
+        Writer {
+            cache: sql::WriterCache::new(&conn).unwrap(),
+            conn,
+            path: path.to_owned(),
+            head,
+            max_batch: 16,
+            checkpoint_interval: Duration::from_secs(1),
+            wal_restart_frames: 1_000,
+            stopped_cleanly: Arc::default(),
+            counters: Arc::default(),
+        }
+    }
+
+    fn pending(stream: &str, events: Vec<NewEvent>) -> PendingAppend {
+        PendingAppend {
+            stream: stream.into(),
+            expected: ExpectedRevision::Any,
+            events,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    /// A writer connection left inside a transaction (by a ROLLBACK that
+    /// failed) does not refuse every later group: the next one rolls the
+    /// leftover back and commits.
+    #[test]
+    fn a_group_after_a_transaction_left_open_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.sqlite");
+        let conn =
+            sql::open_writer(&path, Durability::Full, Duration::from_secs(1), MIGRATIONS).unwrap();
+        let mut writer = test_writer(conn, &path);
+        writer.conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let (results, head) = writer
+            .apply_group(&[pending("a", vec![event(1, "{}")])])
+            .unwrap();
+        assert!(results[0].is_ok());
+        assert_eq!(head, 1);
+        assert!(writer.conn.is_autocommit(), "the group committed");
+    }
+
     /// A request whose INSERT fails inside a group takes back exactly its
     /// own rows and nothing else: a one-event request (written without a
     /// savepoint: SQLite undoes the failed statement) and a two-event one
@@ -1467,34 +1506,17 @@ mod raw_tests {
              WHEN NEW.request_id = 'poison' BEGIN SELECT RAISE(ABORT, 'poisoned'); END;",
         )
         .unwrap();
-        let (head, _) = watch::channel(0);
-        let mut writer = Writer {
-            cache: sql::WriterCache::new(&conn).unwrap(),
-            conn,
-            path: path.clone(),
-            head,
-            max_batch: 16,
-            checkpoint_interval: Duration::from_secs(1),
-            wal_restart_frames: 1_000,
-            stopped_cleanly: Arc::default(),
-            counters: Arc::default(),
-        };
+        let mut writer = test_writer(conn, &path);
         let poisoned = |i: u64| {
             let mut e = event(i, "{}");
             e.metadata.request_id = "poison".into();
             e
         };
-        let request = |stream: &str, events: Vec<NewEvent>| PendingAppend {
-            stream: stream.into(),
-            expected: ExpectedRevision::Any,
-            events,
-            reply: oneshot::channel().0,
-        };
         let group = [
-            request("a", vec![event(1, "{}")]),
-            request("p", vec![poisoned(2)]),
-            request("m", vec![event(3, "{}"), poisoned(4)]),
-            request("b", vec![event(5, "{}")]),
+            pending("a", vec![event(1, "{}")]),
+            pending("p", vec![poisoned(2)]),
+            pending("m", vec![event(3, "{}"), poisoned(4)]),
+            pending("b", vec![event(5, "{}")]),
         ];
         let (results, head) = writer.apply_group(&group).unwrap();
         assert_eq!(head, 2);
