@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, Row, TransactionBehavior, params};
+use rusqlite::{Connection, Row, params};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -314,11 +314,7 @@ impl Writer {
                 };
             }
             if !records.is_empty() {
-                if let Err(err) = self.insert(&records) {
-                    tracing::error!(error = %err, records = records.len(), "delivery log write failed");
-                    let lost = self.failed.as_ref().map_or(0, |(n, _)| *n) + records.len();
-                    self.failed = Some((lost, err));
-                }
+                self.write(&records);
                 records.clear();
             }
             if !flushes.is_empty() {
@@ -339,10 +335,32 @@ impl Writer {
         self.stopped_cleanly.store(true, Ordering::Release);
     }
 
+    /// Writes `records` in one transaction. If that fails, each is tried
+    /// in a transaction of its own, so that one record that cannot be
+    /// written costs only itself, not the calls batched with it.
+    fn write(&mut self, records: &[Box<DeliveryRecord>]) {
+        let Err(err) = self.insert(records) else {
+            return;
+        };
+        if records.len() == 1 {
+            return self.lost(1, err);
+        }
+        tracing::warn!(error = %err, records = records.len(), "delivery log batch failed; writing its records one by one");
+        for record in records {
+            if let Err(err) = self.insert(std::slice::from_ref(record)) {
+                self.lost(1, err);
+            }
+        }
+    }
+
+    fn lost(&mut self, records: usize, err: StoreError) {
+        tracing::error!(error = %err, records, "delivery log write failed");
+        let lost = self.failed.as_ref().map_or(0, |(n, _)| *n) + records;
+        self.failed = Some((lost, err));
+    }
+
     fn insert(&mut self, records: &[Box<DeliveryRecord>]) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = sql::begin_immediate(&mut self.conn)?;
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO deliveries (received_at, request_id, source_id, remote_addr, status, \
@@ -408,6 +426,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = DeliveryLog::open(dir.path().join("nested/deliveries.sqlite")).unwrap();
         (dir, log)
+    }
+
+    /// A record that cannot be written (a position past SQLite's integers)
+    /// is reported and lost alone; the records batched with it are kept.
+    #[test]
+    fn a_bad_record_costs_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deliveries.sqlite");
+        let conn =
+            sql::open_writer(&path, Durability::Normal, sql::BUSY_TIMEOUT, MIGRATIONS).unwrap();
+        let mut writer = Writer {
+            conn,
+            failed: None,
+            stopped_cleanly: Arc::default(),
+        };
+        let mut bad = record(2, 202, None);
+        bad.position = Some(u64::MAX);
+        let batch: Vec<Box<DeliveryRecord>> = [record(1, 202, None), bad, record(3, 401, None)]
+            .into_iter()
+            .map(Box::new)
+            .collect();
+        writer.write(&batch);
+        let (lost, err) = writer.failed.take().expect("the bad record is reported");
+        assert_eq!(lost, 1);
+        assert!(err.to_string().contains("out of range"), "{err}");
+        let kept: Vec<String> = writer
+            .conn
+            .prepare("SELECT request_id FROM deliveries ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(kept, ["req-1", "req-3"]);
     }
 
     #[tokio::test]
