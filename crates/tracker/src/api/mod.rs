@@ -243,7 +243,7 @@ where
     let deadline = Instant::now() + consistency.wait;
     let mut head_checked = false;
     loop {
-        let at = ctx
+        let mut at = ctx
             .queries
             .consistent_through(institution, projection)
             .await?;
@@ -268,10 +268,12 @@ where
         if at >= min {
             let read = query().await?;
             // A rebuild may switch generations between the two reads; the
-            // answer must still be at least at `min`.
+            // answer must still be at least at `min`, and a 503 names where
+            // the answer stood, not the checkpoint read before it.
             if read.consistent_through >= min {
                 return Ok(read);
             }
+            at = read.consistent_through;
         }
         if Instant::now() >= deadline {
             return Err(not_caught_up(min, at, projection));
@@ -498,4 +500,74 @@ where
     web::resource(path)
         .route(web::get().to(handler))
         .default_service(web::to(method_not_allowed))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tracker_projections::query::sqlite::SqliteQueries;
+    use tracker_projections::readstore::{ApplyBatch, CheckpointKey, ReadStore as _};
+    use tracker_projections::sqlite::SqliteReadStore;
+    use tracker_store::sqlite::SqliteEventStore;
+    use tracker_store::{EventMetadata, ExpectedRevision, NewEvent};
+
+    /// The checkpoint has reached `min_position` but the answer, read after
+    /// a generation switch, has not: the 503 says where the answer stood,
+    /// never a position at or past the one it says was not reached.
+    #[tokio::test]
+    async fn a_503_names_the_answers_position_when_it_is_behind_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = SqliteEventStore::open(dir.path().join("events.sqlite")).unwrap();
+        for n in 0..5u128 {
+            let event = NewEvent {
+                id: uuid::Uuid::from_u128(n + 1),
+                event_type: "test".into(),
+                schema_version: 1,
+                data: "{}".into(),
+                metadata: EventMetadata {
+                    received_at: chrono::Utc::now(),
+                    source_id: "test".into(),
+                    request_id: format!("r{n}"),
+                    content_hash: "sha256:00".into(),
+                },
+            };
+            events
+                .append("s", ExpectedRevision::Any, vec![event])
+                .await
+                .unwrap();
+        }
+        let read = SqliteReadStore::open(dir.path().join("readmodels")).unwrap();
+        read.apply(ApplyBatch {
+            key: CheckpointKey::whole(ProjectionKind::Learners),
+            after: 0,
+            completions: Vec::new(),
+            dead_letters: Vec::new(),
+            through: 5,
+            lease: None,
+        })
+        .await
+        .unwrap();
+        let ctx = ApiContext::new(
+            Arc::new(SqliteQueries::open(dir.path().join("readmodels")).unwrap()),
+            Arc::new(events),
+            ApiKeys::from_config(&[]),
+        );
+        let consistency = Consistency {
+            min_position: Some(4),
+            wait: Duration::from_millis(20),
+        };
+        let stale = || async {
+            Ok(Read {
+                value: (),
+                consistent_through: 2,
+            })
+        };
+        let failure = consistent(&ctx, 1, ProjectionKind::Learners, consistency, stale)
+            .await
+            .unwrap_err();
+        assert_eq!(failure.error.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(failure.consistent_through, Some(2));
+    }
 }
