@@ -552,14 +552,30 @@ impl CsvRow for Event {
     }
 }
 
-/// `rows` as CSV with a header row.
+/// `rows` as CSV with a header row, every cell through [`cell`].
 pub fn to_csv<R: CsvRow>(rows: &[R]) -> Result<Vec<u8>, csv::Error> {
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record(R::HEADER)?;
     for row in rows {
-        w.write_record(row.record())?;
+        for field in row.record() {
+            w.write_field(cell(&field).as_bytes())?;
+        }
+        w.write_record(None::<&[u8]>)?;
     }
     w.into_inner().map_err(|e| csv::Error::from(e.into_error()))
+}
+
+/// A cell that a spreadsheet would run as a formula when the file is
+/// opened (OWASP's "CSV injection": it starts with `=`, `+`, `-`, `@`, a
+/// tab or a carriage return) gets a leading `'`, which makes it text.
+/// Names, e-mails and titles come from the source's users, who choose
+/// them; no number, time or JSON cell of these rows starts so. JSON and
+/// NDJSON carry every value unaltered.
+fn cell(field: &str) -> std::borrow::Cow<'_, str> {
+    match field.as_bytes().first() {
+        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r') => format!("'{field}").into(),
+        _ => field.into(),
+    }
 }
 
 #[cfg(test)]
@@ -568,6 +584,47 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// Cells a spreadsheet would evaluate are made text; every other cell,
+    /// a formula character inside a name included, is written as it is.
+    #[test]
+    fn csv_cells_that_start_a_formula_are_made_text() {
+        let at = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let learner = |name: &str, email: &str| Learner {
+            user_id: 7,
+            name: name.to_owned(),
+            email: email.to_owned(),
+            trails: 1,
+            completions: 2,
+            first_completed_at: at,
+            last_completed_at: at,
+        };
+        let rows = [
+            learner("=HYPERLINK(\"http://x\")", "@x.br"),
+            learner("+1", "-a@x.br"),
+            learner("\tTab", "\rcr"),
+            learner("Ana = Bia", "ana@x.br"),
+        ];
+        let csv = String::from_utf8(to_csv(&rows).unwrap()).unwrap();
+        let mut reader = csv::Reader::from_reader(csv.as_bytes());
+        let cells: Vec<(String, String)> = reader
+            .records()
+            .map(|r| {
+                let r = r.unwrap();
+                (r[1].to_owned(), r[2].to_owned())
+            })
+            .collect();
+        assert_eq!(
+            cells,
+            [
+                ("'=HYPERLINK(\"http://x\")".to_owned(), "'@x.br".to_owned()),
+                ("'+1".to_owned(), "'-a@x.br".to_owned()),
+                ("'\tTab".to_owned(), "'\rcr".to_owned()),
+                ("Ana = Bia".to_owned(), "ana@x.br".to_owned()),
+            ]
+        );
+        assert!(csv.contains(",1,2,2023-11-14T22:13:20Z,"), "{csv}");
+    }
 
     fn text() -> impl Strategy<Value = String> {
         proptest::collection::vec(any::<char>(), 0..12).prop_map(String::from_iter)

@@ -21,7 +21,7 @@ Every `/v1` request needs `Authorization: Bearer <key>`; a key only reads the in
 
 Read-model answers carry `X-Consistent-Through`: every event up to that log position is reflected. `min_position` (e.g. a webhook answer's `position`) waits up to `wait_ms` for the read model to reach it, else 503 `not_caught_up` with the position reached.
 
-Lists are pages: `limit` (1-1000, default 50) and the opaque `next_cursor` passed back as `cursor`. Default sorts are on immutable keys (ids, positions): walking every page yields every row that existed when the walk began exactly once, even while events arrive. Sorts on names or completion counts are live orderings: a row whose value changes between two pages may move; use the default sort for exact exports. `Accept: text/csv` gives the same rows as CSV with a header row (the cursor in `X-Next-Cursor`).
+Lists are pages: `limit` (1-1000, default 50) and the opaque `next_cursor` passed back as `cursor`. Default sorts are on immutable keys (ids, positions): walking every page yields every row that existed when the walk began exactly once, even while events arrive. Sorts on names or completion counts are live orderings: a row whose value changes between two pages may move; use the default sort for exact exports. `Accept: text/csv` gives the same rows as CSV with a header row (the cursor in `X-Next-Cursor`); a cell starting with `=`, `+`, `-`, `@`, a tab or a carriage return gets a leading `'` so that spreadsheets read it as text, not a formula.
 
 Errors: `{\"error\": {\"code\", \"message\", \"field\"}}`. An institution with no completion projected yet is 404 on every read-model endpoint."
     ),
