@@ -495,13 +495,7 @@ impl EventStore for EsdbEventStore {
         expected: ExpectedRevision,
         events: Vec<NewEvent>,
     ) -> Result<AppendOutcome, AppendError> {
-        if events.is_empty() {
-            return Err(AppendError::Empty);
-        }
-        let mut seen = std::collections::HashSet::with_capacity(events.len());
-        if let Some(event) = events.iter().find(|e| !seen.insert(e.id)) {
-            return Err(AppendError::DuplicateIdInRequest { id: event.id });
-        }
+        tracker_store::check_request(&events)?;
         self.check_open()?;
         let shared = &self.inner.shared;
         let name = shared.server_name(stream);

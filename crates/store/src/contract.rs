@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use futures::StreamExt;
 use tokio::sync::Barrier;
 use uuid::Uuid;
@@ -101,6 +101,7 @@ macro_rules! contract_tests {
             refused_append_stores_nothing,
             empty_append_is_refused,
             id_repeated_within_one_append_is_refused,
+            received_at_outside_years_0_to_9999_is_refused,
             duplicate_in_same_stream_returns_original_record,
             duplicate_ignores_a_mismatching_expected_revision,
             partial_duplicate_is_refused,
@@ -468,6 +469,55 @@ pub async fn id_repeated_within_one_append_is_refused(store: Arc<dyn EventStore>
         other => panic!("expected DuplicateIdInRequest, got {other:?}"),
     }
     assert_eq!(store.head().await.expect("head"), 0);
+}
+
+/// An instant RFC 3339 cannot write would be an event no reader could
+/// read back: refused, nothing stored. The first and last instants of the
+/// range are recorded and read back exactly.
+pub async fn received_at_outside_years_0_to_9999_is_refused(store: Arc<dyn EventStore>) {
+    let at = |t: DateTime<Utc>, n: u64| {
+        let mut e = simple(n);
+        e.metadata.received_at = t;
+        e
+    };
+    let first = Utc
+        .with_ymd_and_hms(0, 1, 1, 0, 0, 0)
+        .single()
+        .expect("year 0");
+    let last = Utc
+        .with_ymd_and_hms(9999, 12, 31, 23, 59, 59)
+        .single()
+        .expect("year 9999")
+        + chrono::Duration::nanoseconds(999_999_999);
+    for (n, bad) in [
+        (1, first - chrono::Duration::nanoseconds(1)),
+        (2, last + chrono::Duration::nanoseconds(1)),
+    ] {
+        let result = store
+            .append("s", ExpectedRevision::Any, vec![simple(9), at(bad, n)])
+            .await;
+        match result {
+            Err(AppendError::ReceivedAtOutOfRange {
+                id: refused,
+                received_at,
+            }) => {
+                assert_eq!((refused, received_at), (id(n), bad));
+            }
+            other => panic!("expected ReceivedAtOutOfRange for {bad:?}, got {other:?}"),
+        }
+    }
+    assert_eq!(store.head().await.expect("head"), 0);
+    let ends = vec![at(first, 3), at(last, 4)];
+    append_ok(
+        store.as_ref(),
+        "s",
+        ExpectedRevision::NoStream,
+        ends.clone(),
+    )
+    .await;
+    let read = store.read_stream("s", 0, 10).await.expect("read");
+    let times: Vec<_> = read.iter().map(|e| e.metadata.received_at).collect();
+    assert_eq!(times, [first, last]);
 }
 
 /// Re-appending recorded ids answers with the original records.

@@ -23,7 +23,7 @@ pub mod sqlite;
 use std::fmt;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike as _, Utc};
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -132,8 +132,38 @@ pub enum AppendError {
     /// that cannot be recorded (ids are unique across the whole log).
     #[error("event id {id} appears more than once in the append")]
     DuplicateIdInRequest { id: Uuid },
+    /// `received_at` outside years 0000-9999 UTC: the stored form (RFC
+    /// 3339) cannot write it, so the event could never be read back and
+    /// would stop every reader of the log at its position.
+    #[error("event {id}: received_at {received_at:?} is outside years 0000-9999 UTC")]
+    ReceivedAtOutOfRange {
+        id: Uuid,
+        received_at: DateTime<Utc>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// The checks of an append that need no stored data (step 1 of
+/// [`EventStore::append`]), shared by every backend.
+pub fn check_request(events: &[NewEvent]) -> Result<(), AppendError> {
+    if events.is_empty() {
+        return Err(AppendError::Empty);
+    }
+    let mut seen = std::collections::HashSet::with_capacity(events.len());
+    if let Some(event) = events.iter().find(|e| !seen.insert(e.id)) {
+        return Err(AppendError::DuplicateIdInRequest { id: event.id });
+    }
+    if let Some(event) = events
+        .iter()
+        .find(|e| !(0..=9999).contains(&e.metadata.received_at.year()))
+    {
+        return Err(AppendError::ReceivedAtOutOfRange {
+            id: event.id,
+            received_at: event.metadata.received_at,
+        });
+    }
+    Ok(())
 }
 
 /// The store could not do what was asked (I/O, corruption, shut down).
@@ -371,7 +401,9 @@ pub trait EventStore: Send + Sync + fmt::Debug {
     ///
     /// The checks, in this order:
     /// 1. An empty `events` is [`AppendError::Empty`]; an id repeated inside
-    ///    `events` is [`AppendError::DuplicateIdInRequest`].
+    ///    `events` is [`AppendError::DuplicateIdInRequest`]; a `received_at`
+    ///    outside years 0000-9999 is [`AppendError::ReceivedAtOutOfRange`]
+    ///    ([`check_request`]).
     /// 2. An id already recorded in another stream is
     ///    [`AppendError::IdInOtherStream`].
     /// 3. If every id is already recorded in `stream`, the append is an

@@ -16,7 +16,7 @@
 //! publishes the new head on a `watch` channel, which live subscriptions wait
 //! on once caught up.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -584,13 +584,7 @@ impl EventStore for SqliteEventStore {
         events: Vec<NewEvent>,
     ) -> Result<AppendOutcome, AppendError> {
         // Checks that need no database are answered here, off the writer.
-        if events.is_empty() {
-            return Err(AppendError::Empty);
-        }
-        let mut seen = HashSet::with_capacity(events.len());
-        if let Some(event) = events.iter().find(|e| !seen.insert(e.id)) {
-            return Err(AppendError::DuplicateIdInRequest { id: event.id });
-        }
+        crate::check_request(&events)?;
         let (reply, answer) = oneshot::channel();
         self.send(Request::Append {
             stream: stream.to_owned(),
