@@ -89,6 +89,13 @@ pub struct DeliveryFilter {
     pub limit: Option<usize>,
 }
 
+/// Records removed per statement when pruning, one statement between two
+/// batches of the writer, so that pruning a long backlog never holds up the
+/// records of calls being answered.
+const PRUNE_CHUNK: usize = 1_000;
+/// How often a log with a retention looks for records past it.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Handle to the delivery log. Cheap to clone; the writer thread stops when
 /// [`close`](Self::close) is called or the last clone is dropped, after
 /// writing what is queued.
@@ -114,6 +121,17 @@ impl DeliveryLog {
     /// Opens (creating file and parent directory if needed) the delivery log
     /// at `path` and starts its writer thread.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(path, None)
+    }
+
+    /// [`open`](Self::open), removing records received more than `keep`
+    /// ago (`None`: kept for ever). The writer looks for them when it
+    /// starts and then hourly, as records arrive, and removes at most
+    /// a thousand between two of its batches.
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        keep: Option<chrono::Duration>,
+    ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let conn = sql::open_writer(&path, Durability::Normal, sql::BUSY_TIMEOUT, MIGRATIONS)?;
         // Every index of this file is keyed by time (request ids are UUID
@@ -130,6 +148,8 @@ impl DeliveryLog {
             conn,
             failed: None,
             stopped_cleanly: Arc::clone(&stopped_cleanly),
+            keep,
+            next_prune: std::time::Instant::now(),
         };
         let thread = sql::WriterThread::spawn("delivery-log-writer", move || writer.run(rx))?;
         Ok(Self {
@@ -292,6 +312,9 @@ struct Writer {
     /// the next flush so a failure is never only in the logs.
     failed: Option<(usize, StoreError)>,
     stopped_cleanly: Arc<AtomicBool>,
+    /// Records older than this are removed; `None` keeps them all.
+    keep: Option<chrono::Duration>,
+    next_prune: std::time::Instant,
 }
 
 impl Writer {
@@ -317,6 +340,7 @@ impl Writer {
                 self.write(&records);
                 records.clear();
             }
+            self.prune_if_due();
             if !flushes.is_empty() {
                 let result = match self.failed.take() {
                     None => Ok(()),
@@ -351,6 +375,35 @@ impl Writer {
                 self.lost(1, err);
             }
         }
+    }
+
+    /// Removes up to [`PRUNE_CHUNK`] records past the retention, if it is
+    /// time to look; a full chunk means more may be left, so the writer
+    /// looks again after its next batch.
+    fn prune_if_due(&mut self) {
+        let Some(keep) = self.keep else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if now < self.next_prune {
+            return;
+        }
+        let cutoff = sql::format_time(&(Utc::now() - keep));
+        let removed = self
+            .conn
+            .prepare_cached(
+                "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries \
+                 WHERE received_at < ?1 ORDER BY received_at LIMIT ?2)",
+            )
+            .and_then(|mut stmt| stmt.execute(params![cutoff, PRUNE_CHUNK as i64]));
+        self.next_prune = match removed {
+            Ok(n) if n == PRUNE_CHUNK => now,
+            Ok(_) => now + PRUNE_EVERY,
+            Err(err) => {
+                tracing::warn!(error = %err, "delivery log: cannot remove records past the retention");
+                now + PRUNE_EVERY
+            }
+        };
     }
 
     fn lost(&mut self, records: usize, err: StoreError) {
@@ -440,6 +493,8 @@ mod tests {
             conn,
             failed: None,
             stopped_cleanly: Arc::default(),
+            keep: None,
+            next_prune: std::time::Instant::now(),
         };
         let mut bad = record(2, 202, None);
         bad.position = Some(u64::MAX);
@@ -460,6 +515,48 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(kept, ["req-1", "req-3"]);
+    }
+
+    /// With a retention, records received before it are removed as the
+    /// log is written, a chunk between two batches, until none is left;
+    /// without one, none is.
+    #[tokio::test]
+    async fn records_past_the_retention_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = PRUNE_CHUNK as i64 + 500;
+        let at = |days: i64, i: i64| {
+            let mut r = record(i, 401, None);
+            r.received_at = Utc::now() - chrono::Duration::days(days);
+            r
+        };
+        let all = || DeliveryFilter {
+            limit: Some(usize::MAX),
+            ..DeliveryFilter::default()
+        };
+        for keep in [Some(chrono::Duration::days(30)), None] {
+            let path = dir.path().join(format!("{keep:?}.sqlite"));
+            let log = DeliveryLog::open(&path).unwrap();
+            for i in 0..old {
+                log.record(at(31, i)).await.unwrap();
+            }
+            log.record(at(29, old)).await.unwrap();
+            log.close().await.unwrap();
+
+            let log = DeliveryLog::open_with(&path, keep).unwrap();
+            let mut counts = Vec::new();
+            for i in 1..=3 {
+                log.record(at(0, old + i)).await.unwrap();
+                log.flush().await.unwrap();
+                counts.push(log.list(all()).await.unwrap().len() as i64);
+            }
+            let expected = if keep.is_some() {
+                [old + 2 - PRUNE_CHUNK as i64, 3, 4]
+            } else {
+                [old + 2, old + 3, old + 4]
+            };
+            assert_eq!(counts, expected, "keep {keep:?}");
+            log.close().await.unwrap();
+        }
     }
 
     #[tokio::test]

@@ -208,6 +208,27 @@ impl Default for ProjectorConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryLogConfig {
+    /// Days a call stays in the delivery log; 0 keeps every call for ever.
+    pub retention_days: u32,
+}
+
+impl Default for DeliveryLogConfig {
+    fn default() -> Self {
+        // A troubleshooting aid, not the record (the event log keeps every
+        // accepted delivery verbatim); refused bodies hold personal data.
+        Self { retention_days: 90 }
+    }
+}
+
+impl DeliveryLogConfig {
+    pub fn keep(&self) -> Option<chrono::Duration> {
+        (self.retention_days > 0).then(|| chrono::Duration::days(i64::from(self.retention_days)))
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -240,6 +261,8 @@ pub struct Config {
     pub read_store: ReadStoreConfig,
     #[serde(default)]
     pub projector: ProjectorConfig,
+    #[serde(default)]
+    pub delivery_log: DeliveryLogConfig,
 }
 
 impl Default for Config {
@@ -256,13 +279,14 @@ impl Default for Config {
             event_store: EventStoreConfig::default(),
             read_store: ReadStoreConfig::default(),
             projector: ProjectorConfig::default(),
+            delivery_log: DeliveryLogConfig::default(),
         }
     }
 }
 
 /// Tables whose keys come from `TRACKER_<TABLE>_<KEY>` variables
 /// (`TRACKER_READ_STORE_URL` is `read_store.url`).
-const ENV_SECTIONS: &[&str] = &["event_store", "read_store", "projector"];
+const ENV_SECTIONS: &[&str] = &["event_store", "read_store", "projector", "delivery_log"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -420,6 +444,7 @@ mod tests {
             assert_eq!(c.source_timezone, "America/Sao_Paulo");
             assert_eq!(c.body_limit, 65536);
             assert!(c.sources.is_empty());
+            assert_eq!(c.delivery_log.keep(), Some(chrono::Duration::days(90)));
             Ok(())
         });
     }
@@ -449,6 +474,7 @@ mod tests {
             jail.set_env("TRACKER_EVENT_STORE_URL", "esdb://es:2113?tls=false");
             jail.set_env("TRACKER_READ_STORE_URL", "postgres://db/tracker");
             jail.set_env("TRACKER_PROJECTOR_ON_ERROR", "stop");
+            jail.set_env("TRACKER_DELIVERY_LOG_RETENTION_DAYS", "0");
             let overrides = Overrides {
                 listen: Some(SocketAddr::from(([0, 0, 0, 0], 8081))),
                 data_dir: None,
@@ -468,6 +494,7 @@ mod tests {
             );
             assert_eq!(c.projector.on_error, OnErrorSetting::Stop);
             assert_eq!(c.projector.batch_size, 20_000);
+            assert_eq!(c.delivery_log.keep(), None, "0 keeps every call");
             assert_eq!(c.sources.len(), 2);
             let inst = InstitutionId::try_from(12345).map_err(|e| e.to_string())?;
             let other = InstitutionId::try_from(1).map_err(|e| e.to_string())?;

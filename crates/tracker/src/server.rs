@@ -189,8 +189,11 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Ser
         backend.event_store(),
         ApiKeys::from_config(&key_configs),
     ));
-    let deliveries = DeliveryLog::open(config.data_dir.join("deliveries.sqlite"))
-        .map_err(ServeError::DeliveryLog)?;
+    let deliveries = DeliveryLog::open_with(
+        config.data_dir.join("deliveries.sqlite"),
+        config.delivery_log.keep(),
+    )
+    .map_err(ServeError::DeliveryLog)?;
     let runners = options.projector.then(RunnerStates::default);
     let state = web::Data::new(AppState {
         store: backend.event_store(),
