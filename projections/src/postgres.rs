@@ -224,6 +224,15 @@ CREATE INDEX lrn_completions_by_trail_time ON {s}.lrn_completions (institution_i
 -- completion.
 ALTER TABLE {s}.lrn_completions DROP CONSTRAINT IF EXISTS lrn_completions_event_id_key;
 "#,
+    r#"
+-- As in the SQLite store: a learner's trail is new exactly when its
+-- `lrn_learner_trails` row is, so the key table repeated that table's
+-- keys; and one learner's few completions are read by
+-- `lrn_completions_by_user`, filtered or sorted by time, so an index per
+-- learner and time was one more to write per completion.
+DROP TABLE IF EXISTS {s}.lrn_m_trail_learners;
+DROP INDEX IF EXISTS {s}.lrn_completions_by_user_time;
+"#,
 ];
 
 fn storage(e: impl std::fmt::Display) -> ReadStoreError {
@@ -933,12 +942,18 @@ async fn insert_new_keys(
             )?;
         }
         ProjectionKind::Learners => {
-            // The SQLite store looks each key's `lrn_learner_trails` row up
-            // instead of keeping this table; here the whole batch's keys
-            // are one statement, and the lookup has not been measured.
+            // A learner's trail is new exactly when its `lrn_learner_trails`
+            // row is. That row is written later in this transaction, and
+            // the batch's lease makes this the only writer of its
+            // institutions, so the keys without a row are the new ones.
             new.trail_learners = new_triples(
                 tx,
-                insert_keys_sql(s, "lrn_m_trail_learners", &[I, T, U]),
+                format!(
+                    "SELECT k.i, k.t, k.u FROM {} AS k(i, t, u)
+                     WHERE NOT EXISTS (SELECT 1 FROM {s}.lrn_learner_trails l
+                       WHERE l.institution_id = k.i AND l.user_id = k.u AND l.trail_id = k.t)",
+                    unnest("bigint, bigint, bigint")
+                ),
                 &keys.trail_learners,
             )
             .await?;
@@ -1544,9 +1559,8 @@ async fn copy_membership(
             }
             copy.finish().await?;
         }
-        ProjectionKind::Learners => {
-            copy_triples(tx, s, "lrn_m_trail_learners", [I, T, U], &m.trail_learners).await?;
-        }
+        // A learner's trails are the `lrn_learner_trails` rows.
+        ProjectionKind::Learners => {}
     }
     Ok(())
 }

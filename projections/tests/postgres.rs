@@ -1090,7 +1090,58 @@ async fn connecting_twice_migrates_once_and_keeps_the_rows() {
         .collect();
     assert_eq!(
         versions,
-        BTreeMap::from([("control".to_owned(), 1), ("g1".to_owned(), 3)])
+        BTreeMap::from([("control".to_owned(), 1), ("g1".to_owned(), 4)])
+    );
+}
+
+/// A generation from before kept its learners' trails twice, as rows and as
+/// keys in `lrn_m_trail_learners`, and indexed a learner's completions by
+/// time. Reconnecting drops both, and the projector goes on counting a
+/// trail seen before once, from the rows alone: the read models equal
+/// SQLite's.
+#[tokio::test]
+async fn an_older_generation_drops_its_trail_keys_and_counts_trails_once() {
+    let db = TestDb::create().await;
+    let events = generate(300, 9);
+    let (_dir, sqlite) = sqlite_reference(&events).await;
+    let (before, after) = events.split_at(150);
+    let first = PgReadStore::connect(&db.url).await.expect("connect");
+    apply_in_batches(&first, before, &[40]).await;
+    // Back to version 3: the key table, filled as it was kept, and the index.
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE tracker_rm_g1.lrn_m_trail_learners (institution_id BIGINT NOT NULL,
+               trail_id BIGINT NOT NULL, user_id BIGINT NOT NULL,
+               PRIMARY KEY (institution_id, trail_id, user_id));
+             INSERT INTO tracker_rm_g1.lrn_m_trail_learners
+               SELECT institution_id, trail_id, user_id FROM tracker_rm_g1.lrn_learner_trails;
+             CREATE INDEX lrn_completions_by_user_time
+               ON tracker_rm_g1.lrn_completions (institution_id, user_id, finished_at, position);
+             DELETE FROM tracker_control.schema_migrations WHERE scope = 'g1' AND version = 4;",
+        )
+        .await
+        .expect("make the generation version 3");
+    drop(first);
+    let reopened = PgReadStore::connect(&db.url).await.expect("reconnect");
+    let left: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = 'tracker_rm_g1'
+               AND c.relname IN ('lrn_m_trail_learners', 'lrn_completions_by_user_time')",
+            &[],
+        )
+        .await
+        .expect("catalog")
+        .get(0);
+    assert_eq!(left, 0, "the key table and the index are dropped");
+    apply_in_batches(&reopened, after, &[1, 33, 70]).await;
+    assert_same(
+        &sqlite.snapshot().await.expect("sqlite snapshot"),
+        &reopened.snapshot().await.expect("snapshot"),
+        "migrated generation",
     );
 }
 
