@@ -52,6 +52,9 @@ pub struct RunnerConfig {
     /// Where events are decoded: give the runners of one process the same
     /// [`SharedDecode`] so each event is decoded once, not once per runner.
     pub decode: Arc<SharedDecode>,
+    /// Counted up after every batch committed, so that a reader of this
+    /// process waiting for a position (`min_position`) looks again at once.
+    pub applied: Arc<watch::Sender<u64>>,
 }
 
 impl Default for RunnerConfig {
@@ -62,6 +65,7 @@ impl Default for RunnerConfig {
             on_error: OnError::DeadLetter,
             lease: Some((LeaseHolder::new_random(), Duration::from_secs(15))),
             decode: Arc::new(SharedDecode::new(1, 0)),
+            applied: Arc::new(watch::Sender::new(0)),
         }
     }
 }
@@ -442,6 +446,7 @@ impl Runner {
         match self.read.apply(batch).await {
             Ok(()) => {
                 self.mark_lease_renewed();
+                self.config.applied.send_modify(|n| *n = n.wrapping_add(1));
                 tracing::debug!(key = %self.key, through, events = events_read, completions = completions_in,
                     apply_ms = started.elapsed().as_secs_f64() * 1e3, "batch applied");
             }

@@ -26,9 +26,17 @@ use crate::config::ProjectorConfig;
 #[derive(Debug, Clone, Default)]
 pub struct RunnerStates {
     states: Arc<Mutex<BTreeMap<String, Option<String>>>>,
+    /// Counted up by the runners after every batch they commit.
+    applied: Arc<watch::Sender<u64>>,
 }
 
 impl RunnerStates {
+    /// Changes after every batch a runner of this process commits: what a
+    /// request waiting for a position (`min_position`) waits on.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
     /// Each runner's key with `None` while it runs, or the error it ended
     /// with.
     pub fn snapshot(&self) -> BTreeMap<String, Option<String>> {
@@ -116,6 +124,7 @@ impl Projector {
             on_error: config.on_error.into(),
             lease: Some((holder, Duration::from_secs(config.lease_ttl_secs.max(1)))),
             decode: Arc::clone(&decode),
+            applied: Arc::clone(&states.applied),
         };
         let tasks = ProjectionKind::ALL
             .into_iter()
@@ -306,12 +315,14 @@ mod tests {
             batch_size: 200,
             ..ProjectorConfig::default()
         };
+        let states = RunnerStates::default();
+        let applied = states.applied();
         let projector = Projector::start(
             Arc::clone(&events),
             Arc::new(read.clone()),
             &config,
             Partition::WHOLE,
-            &RunnerStates::default(),
+            &states,
         );
         for n in 300..400 {
             append(events.as_ref(), n).await;
@@ -329,6 +340,8 @@ mod tests {
         }
         let stats = projector.decode_stats().await;
         projector.stop().await.unwrap();
+        // Every committed batch is signalled (what `min_position` waits on).
+        assert!(*applied.borrow() >= 2, "{}", *applied.borrow());
 
         // Each runner alone would have decoded all 400.
         assert_eq!(stats.decoded + stats.shared, 800);

@@ -184,17 +184,19 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Ser
         store: read,
         queries,
     } = open_read_backend(&config).await?;
-    let api_context = web::Data::new(ApiContext::new(
+    let runners = options.projector.then(RunnerStates::default);
+    let mut api_context = ApiContext::new(
         queries,
         backend.event_store(),
         ApiKeys::from_config(&key_configs),
-    ));
+    );
+    api_context.applied = runners.as_ref().map(RunnerStates::applied);
+    let api_context = web::Data::new(api_context);
     let deliveries = DeliveryLog::open_with(
         config.data_dir.join("deliveries.sqlite"),
         config.delivery_log.keep(),
     )
     .map_err(ServeError::DeliveryLog)?;
-    let runners = options.projector.then(RunnerStates::default);
     let state = web::Data::new(AppState {
         store: backend.event_store(),
         read: Arc::clone(&read),

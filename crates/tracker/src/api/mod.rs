@@ -23,6 +23,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
@@ -46,8 +48,11 @@ pub const NEXT_CURSOR: &str = "x-next-cursor";
 pub const MAX_WAIT_MS: u64 = 5_000;
 /// `wait_ms` when `min_position` is given alone.
 pub const DEFAULT_WAIT_MS: u64 = 1_000;
-/// How often a waiting request looks at the checkpoint again.
-const POLL_EVERY: Duration = Duration::from_millis(5);
+/// A waiting request looks at the checkpoint again after this, then after
+/// twice as long each time, up to [`POLL_MAX`], and at once when a runner
+/// of this process commits a batch.
+const POLL_FIRST: Duration = Duration::from_millis(5);
+const POLL_MAX: Duration = Duration::from_millis(50);
 
 /// What the query API's handlers share.
 #[derive(Debug)]
@@ -58,6 +63,9 @@ pub struct ApiContext {
     /// Events written to NDJSON exports so far (an export's progress can be
     /// watched from outside: a slow reader holds it back).
     pub exported_events: AtomicU64,
+    /// Changes whenever a projection runner of this process commits a
+    /// batch (`serve` with its projector); `None` without one.
+    pub applied: Option<watch::Receiver<u64>>,
 }
 
 impl ApiContext {
@@ -71,6 +79,7 @@ impl ApiContext {
             events,
             keys,
             exported_events: AtomicU64::new(0),
+            applied: None,
         }
     }
 
@@ -223,9 +232,52 @@ fn not_caught_up(min: Position, at: Position, projection: ProjectionKind) -> Fai
     .at(at)
 }
 
+/// The wait between two looks at a checkpoint: until a runner of this
+/// process commits a batch, or a backoff runs out (5 ms, doubling to 50 ms),
+/// since projectors of other processes (`tracker project`, other
+/// partitions) give no signal. A request waiting the whole second then
+/// reads the checkpoint about twenty-five times, not two hundred.
+struct Pause {
+    applied: Option<watch::Receiver<u64>>,
+    next: Duration,
+}
+
+impl Pause {
+    fn new(applied: Option<&watch::Receiver<u64>>) -> Self {
+        let applied = applied.map(|rx| {
+            let mut rx = rx.clone();
+            rx.mark_unchanged();
+            rx
+        });
+        Self {
+            applied,
+            next: POLL_FIRST,
+        }
+    }
+
+    /// Returns after the backoff, when a batch is committed, or at
+    /// `deadline`, whichever comes first.
+    async fn wait(&mut self, deadline: tokio::time::Instant) {
+        let until = (tokio::time::Instant::now() + self.next).min(deadline);
+        self.next = (self.next * 2).min(POLL_MAX);
+        match &mut self.applied {
+            Some(rx) => {
+                if let Ok(Err(_)) = tokio::time::timeout_at(until, rx.changed()).await {
+                    // The runners are gone: no signal any more, only the
+                    // backoff.
+                    self.applied = None;
+                    tokio::time::sleep_until(until).await;
+                }
+            }
+            None => tokio::time::sleep_until(until).await,
+        }
+    }
+}
+
 /// Runs `query` once the projection has reached `consistency.min_position`
-/// for `institution` (polling its checkpoint), or answers 503 with where it
-/// stands when `consistency.wait` runs out first.
+/// for `institution` (looking at its checkpoint again after each [`Pause`]),
+/// or answers 503 with where it stands when `consistency.wait` runs out
+/// first.
 pub async fn consistent<T, F, Fut>(
     ctx: &ApiContext,
     institution: u64,
@@ -240,7 +292,8 @@ where
     let Some(min) = consistency.min_position else {
         return Ok(query().await?);
     };
-    let deadline = Instant::now() + consistency.wait;
+    let deadline = tokio::time::Instant::now() + consistency.wait;
+    let mut pause = Pause::new(ctx.applied.as_ref());
     let mut head_checked = false;
     loop {
         let mut at = ctx
@@ -275,10 +328,10 @@ where
             }
             at = read.consistent_through;
         }
-        if Instant::now() >= deadline {
+        if tokio::time::Instant::now() >= deadline {
             return Err(not_caught_up(min, at, projection));
         }
-        tokio::time::sleep(POLL_EVERY).await;
+        pause.wait(deadline).await;
     }
 }
 
@@ -507,11 +560,62 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use tokio::time::Instant as Now;
     use tracker_projections::query::sqlite::SqliteQueries;
     use tracker_projections::readstore::{ApplyBatch, CheckpointKey, ReadStore as _};
     use tracker_projections::sqlite::SqliteReadStore;
     use tracker_store::sqlite::SqliteEventStore;
     use tracker_store::{EventMetadata, ExpectedRevision, NewEvent};
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Without runners in this process, the looks back off: 5, 10, 20,
+    /// 40, then every 50 ms, and never past the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_without_runners_backs_off_to_its_cap() {
+        let start = Now::now();
+        let mut pause = Pause::new(None);
+        let mut at = Vec::new();
+        for _ in 0..7 {
+            pause.wait(start + ms(160)).await;
+            at.push((Now::now() - start).as_millis());
+        }
+        assert_eq!(at, [5, 15, 35, 75, 125, 160, 160]);
+    }
+
+    /// With runners in this process, a committed batch ends the pause at
+    /// once, whatever the backoff has grown to; if the runners go away,
+    /// the backoff alone is left (no busy loop on a closed channel).
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_ends_when_a_batch_is_committed() {
+        let applied = Arc::new(watch::Sender::new(0u64));
+        let start = Now::now();
+        let far = start + ms(10_000);
+        let mut pause = Pause::new(Some(&applied.subscribe()));
+        for _ in 0..4 {
+            pause.wait(far).await;
+        }
+        assert_eq!((Now::now() - start).as_millis(), 75);
+        let signal = Arc::clone(&applied);
+        tokio::spawn(async move {
+            tokio::time::sleep(ms(3)).await;
+            signal.send_modify(|n| *n += 1);
+        });
+        pause.wait(far).await;
+        assert_eq!((Now::now() - start).as_millis(), 78, "woken by the batch");
+        drop(applied);
+        let before = Now::now();
+        pause.wait(far).await;
+        assert_eq!(
+            (Now::now() - before).as_millis(),
+            50,
+            "the backoff, not a spin"
+        );
+        pause.wait(far).await;
+        assert_eq!((Now::now() - before).as_millis(), 100);
+    }
 
     /// The checkpoint has reached `min_position` but the answer, read after
     /// a generation switch, has not: the 503 says where the answer stood,
