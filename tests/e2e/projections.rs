@@ -336,3 +336,33 @@ async fn dead_letters_are_listed_and_stop_mode_halts() {
     );
     assert_ne!(current(), before);
 }
+
+/// The commands that only read the data directory refuse one that holds
+/// no stores (a wrong --data-dir), naming the file they looked for, and
+/// create nothing there; `status` used to print every projection caught up
+/// at 0 and leave empty stores behind.
+#[test]
+fn read_only_commands_refuse_a_data_directory_without_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("not-the-data-dir");
+    std::fs::create_dir(&data).unwrap();
+    for (args, missing) in [
+        (&["status"][..], "events.sqlite"),
+        (&["replay"][..], "events.sqlite"),
+        (&["dead-letters"][..], "readmodels"),
+        (&["deliveries"][..], "deliveries.sqlite"),
+    ] {
+        let out = tracker_command(args, &data).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded: {stderr}");
+        assert!(
+            stderr.contains(&format!("{missing} does not exist")),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&data).unwrap().count(),
+            0,
+            "{args:?} created files"
+        );
+    }
+}

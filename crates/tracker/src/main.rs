@@ -162,6 +162,38 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Which files of the data directory a command only reads: the embedded
+/// stores create what is missing, so such a command pointed at the wrong
+/// directory would report an empty system, every projection caught up, and
+/// leave empty stores behind. It is refused instead.
+#[derive(Clone, Copy)]
+enum Reads {
+    EventLog,
+    ReadModels,
+    DeliveryLog,
+}
+
+fn existing_data(config: &Config, reads: &[Reads]) -> Result<(), Box<dyn std::error::Error>> {
+    let unset =
+        |url: &Option<tracker::config::Secret>| url.as_ref().is_none_or(|u| u.expose().is_empty());
+    for what in reads {
+        let (name, embedded) = match what {
+            Reads::EventLog => ("events.sqlite", unset(&config.event_store.url)),
+            Reads::ReadModels => ("readmodels", unset(&config.read_store.url)),
+            Reads::DeliveryLog => ("deliveries.sqlite", true),
+        };
+        let path = config.data_dir.join(name);
+        if embedded && !path.exists() {
+            return Err(format!(
+                "{} does not exist: is the data directory (--data-dir, TRACKER_DATA_DIR) the one `tracker serve` uses?",
+                path.display()
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Serve {
@@ -228,6 +260,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Replay { common } => {
             let config = load(&common, None)?;
+            existing_data(&config, &[Reads::EventLog])?;
             init_tracing(config.log_format);
             let backend = EventStoreBackend::open(&config).await?;
             let read = open_read_store(&config).await?;
@@ -239,6 +272,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Status { common } => {
             let config = load(&common, None)?;
+            existing_data(&config, &[Reads::EventLog, Reads::ReadModels])?;
             let backend = EventStoreBackend::open(&config).await?;
             let read = open_read_store(&config).await?;
             let head = backend.event_store().head().await?;
@@ -250,6 +284,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::DeadLetters { common, limit } => {
             let config = load(&common, None)?;
+            existing_data(&config, &[Reads::ReadModels])?;
             let read = open_read_store(&config).await?;
             for d in read.dead_letters(limit).await? {
                 println!("{}", serde_json::to_string(&d)?);
@@ -263,6 +298,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             limit,
         } => {
             let config = load(&common, None)?;
+            existing_data(&config, &[Reads::DeliveryLog])?;
             let log = DeliveryLog::open(config.data_dir.join("deliveries.sqlite"))?;
             let rows = log
                 .list(DeliveryFilter {
