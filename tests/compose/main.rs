@@ -46,7 +46,6 @@ fn tracker_bin() -> PathBuf {
         .package("tracker")
         .bin("tracker")
         .current_release()
-        .current_target()
         .run()
         .expect("building the tracker binary")
         .path()

@@ -236,7 +236,6 @@ pub fn tracker_bin() -> &'static Path {
             .package("tracker")
             .bin("tracker")
             .current_release()
-            .current_target()
             .run()
             .expect("building the tracker binary")
             .path()

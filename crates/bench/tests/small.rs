@@ -15,7 +15,6 @@ fn tracker_bin() -> std::path::PathBuf {
         .package("tracker")
         .bin("tracker")
         .current_release()
-        .current_target()
         .run()
         .expect("building the tracker binary")
         .path()
