@@ -59,7 +59,9 @@ pub struct EventMetadata {
     pub source_id: String,
     /// The request id of the HTTP call that carried it.
     pub request_id: String,
-    /// `sha256:<hex>` of the raw request body, byte for byte.
+    /// `sha256:<hex>` of the delivery document as recorded: the request
+    /// body without the white space around it (what the event's data holds
+    /// verbatim, so the hash can be checked against it).
     pub content_hash: String,
 }
 

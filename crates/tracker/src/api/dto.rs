@@ -339,7 +339,8 @@ pub struct Event {
     pub received_at: DateTime<Utc>,
     pub source_id: String,
     pub request_id: String,
-    /// `sha256:` of the delivery body as received.
+    /// `sha256:` of the delivery as recorded in `data.delivery`: the body
+    /// as received, without the white space around it.
     pub content_hash: String,
     /// The event data exactly as recorded (it holds the delivery verbatim
     /// under `delivery`).
