@@ -134,31 +134,6 @@ async fn sigterm_finishes_a_request_in_flight() {
     assert_eq!(answer["event_id"], events[1].id.to_string());
 }
 
-/// One HTTP/1.1 answer with a `content-length`: its status and JSON body.
-async fn read_answer(conn: &mut tokio::net::TcpStream) -> (u16, Value) {
-    use tokio::io::AsyncReadExt;
-
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        assert_eq!(conn.read(&mut byte).await.unwrap(), 1, "connection closed");
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8(buf).unwrap();
-    let status = head[9..12].parse().unwrap();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().unwrap())
-        })
-        .unwrap();
-    let mut body = vec![0; len];
-    conn.read_exact(&mut body).await.unwrap();
-    (status, serde_json::from_slice(&body).unwrap())
-}
-
 /// Webhooks arriving in a burst while SIGTERM comes: some are answered,
 /// the rest refused, and every answered one is on disk after the exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -466,3 +466,28 @@ pub async fn append_undecodable(data_dir: &Path) {
         .unwrap();
     store.close().await.unwrap();
 }
+
+/// One HTTP/1.1 answer with a `content-length`: its status and JSON body.
+pub async fn read_answer(conn: &mut tokio::net::TcpStream) -> (u16, Value) {
+    use tokio::io::AsyncReadExt;
+
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        assert_eq!(conn.read(&mut byte).await.unwrap(), 1, "connection closed");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap();
+    let status = head[9..12].parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().unwrap())
+        })
+        .unwrap();
+    let mut body = vec![0; len];
+    conn.read_exact(&mut body).await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap())
+}

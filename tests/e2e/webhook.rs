@@ -448,3 +448,43 @@ async fn store_that_cannot_write_answers_503_and_keeps_nothing() {
     let events = events_on_disk(dir.path()).await;
     assert_eq!(events.len(), 1);
 }
+
+/// A body that trickles in (here: a tenth of it, then nothing) is answered
+/// 408 once `body_timeout_secs` has passed, not held for good, and the
+/// call is in the delivery log with what had arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_arrive_is_answered_408() {
+    use tokio::io::AsyncWriteExt as _;
+
+    let app = TestApp::spawn_with(|c| c.body_timeout_secs = 1).await;
+    let addr = app.running().local_addr;
+    let body = completion(3, 76, 9, "2024-07-01 08:00:00");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /webhooks/toolzz/{TOKEN} HTTP/1.1\r\nhost: {addr}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body.as_bytes()[..body.len() / 10])
+        .await
+        .unwrap();
+    let (status, answer) =
+        tokio::time::timeout(std::time::Duration::from_secs(20), read_answer(&mut conn))
+            .await
+            .expect("an answer, not a connection held open");
+    assert_eq!(status, 408, "{answer}");
+    assert_eq!(answer["error"]["code"], "body_timeout");
+    assert!(app.events().await.is_empty());
+    let log = &app.running().state().deliveries;
+    log.flush().await.unwrap();
+    let logged = log.list(DeliveryFilter::default()).await.unwrap();
+    assert_eq!(logged.len(), 1);
+    let call = &logged[0].record;
+    assert_eq!(
+        (call.status, call.reason.as_deref()),
+        (408, Some("body_timeout"))
+    );
+    assert_eq!(call.body, &body.as_bytes()[..body.len() / 10]);
+    assert!(call.body_truncated);
+}

@@ -247,6 +247,9 @@ pub struct Config {
     pub source_timezone: String,
     /// Largest accepted webhook body, in bytes.
     pub body_limit: usize,
+    /// How long a webhook body may take to arrive once its headers have,
+    /// in seconds.
+    pub body_timeout_secs: u64,
     /// How long SIGTERM waits for in-flight requests, in seconds.
     pub shutdown_timeout_secs: u64,
     pub log_format: LogFormat,
@@ -272,6 +275,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             source_timezone: SourceTimeZone::DEFAULT_NAME.to_owned(),
             body_limit: 64 * 1024,
+            body_timeout_secs: 10,
             shutdown_timeout_secs: 30,
             log_format: LogFormat::Text,
             sources: Vec::new(),
@@ -356,6 +360,11 @@ impl Config {
         if self.body_limit < 1024 {
             return Err(ConfigError::Invalid(
                 "body_limit must be at least 1024 bytes".into(),
+            ));
+        }
+        if self.body_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "body_timeout_secs must be at least 1".into(),
             ));
         }
         self.check_api_keys()?;

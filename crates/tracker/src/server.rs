@@ -204,6 +204,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Ser
         sources: Sources::from_config(&source_configs)?,
         zone,
         body_limit: config.body_limit,
+        body_timeout: Duration::from_secs(config.body_timeout_secs),
         metrics: Arc::new(Metrics::new()),
         runners: runners.clone(),
     });

@@ -19,6 +19,8 @@ pub struct AppState {
     pub sources: Sources,
     pub zone: SourceTimeZone,
     pub body_limit: usize,
+    /// How long a webhook body may take to arrive.
+    pub body_timeout: std::time::Duration,
     pub metrics: Arc<Metrics>,
     /// The projection runners of this process; `None` under
     /// `serve --no-projector`, where they run elsewhere.

@@ -172,7 +172,22 @@ async fn accept(
 ) -> Result<Accepted, ApiError> {
     check_content_type(req.headers())?;
     check_content_encoding(req.headers())?;
-    read_body(req.headers(), payload, state.body_limit, handled).await?;
+    // The headers had `client_request_timeout`; a body trickled in a byte
+    // at a time would otherwise hold its handler and buffer for good.
+    let read = read_body(req.headers(), payload, state.body_limit, handled);
+    if let Ok(read) = tokio::time::timeout(state.body_timeout, read).await {
+        read?;
+    } else {
+        handled.body_truncated = true;
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the body did not arrive within {} s of the headers",
+                state.body_timeout.as_secs()
+            ),
+        ));
+    }
     let body = handled.body.as_slice();
 
     if let Some(key) = &source.signing_key {
