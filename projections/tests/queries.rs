@@ -207,6 +207,21 @@ async fn both_backends_answer_every_query_the_same() {
     let pg_store = PgReadStore::connect(&db.url).await.unwrap();
     apply(&pg_store, &events).await;
 
+    // The queries only read, so they can be served by a hot standby
+    // (`read_store.query_url`): here every PostgreSQL query runs on
+    // connections where a write would fail, as on a standby.
+    admin()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" SET default_transaction_read_only = on",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let (standby, connection) = tokio_postgres::connect(&db.url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let write = standby.batch_execute("CREATE TABLE public.w (x INT)").await;
+    assert!(write.is_err(), "new connections are read-only");
     let sqlite = SqliteQueries::open(dir.path()).unwrap();
     let pg = PgQueries::connect(&db.url, 4).await.unwrap();
     let q = |on_pg: bool| -> &dyn ReadModelQueries { if on_pg { &pg } else { &sqlite } };

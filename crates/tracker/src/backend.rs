@@ -87,10 +87,22 @@ pub struct ReadBackend {
 pub const QUERY_POOL_SIZE: usize = 8;
 
 /// Opens the read store named by `read_store.url` (SQLite in the data
-/// directory when unset) and the queries over it. The store is opened first:
-/// it creates and migrates what the queries read.
+/// directory when unset) and the queries over it, or over
+/// `read_store.query_url` when set (a PostgreSQL standby: the queries only
+/// read, and every answer's `X-Consistent-Through` is the standby's own
+/// checkpoint, read with the rows). The store is opened first: it creates
+/// and migrates what the queries read.
 pub async fn open_read_backend(config: &Config) -> Result<ReadBackend, BackendError> {
+    let query_url = config
+        .read_store
+        .query_url
+        .as_ref()
+        .map(|u| u.expose())
+        .filter(|u| !u.is_empty());
     match config.read_store.url.as_ref().map(|u| u.expose()) {
+        None | Some("") if query_url.is_some() => Err(BackendError::Unsupported(
+            "read_store.query_url: only with a PostgreSQL read_store.url".into(),
+        )),
         None | Some("") => {
             let dir = config.data_dir.join("readmodels");
             let store = Arc::new(SqliteReadStore::open(&dir)?);
@@ -99,7 +111,8 @@ pub async fn open_read_backend(config: &Config) -> Result<ReadBackend, BackendEr
         }
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
             let store = Arc::new(PgReadStore::connect(url).await?);
-            let queries = Arc::new(PgQueries::connect(url, QUERY_POOL_SIZE).await?);
+            let queries =
+                Arc::new(PgQueries::connect(query_url.unwrap_or(url), QUERY_POOL_SIZE).await?);
             Ok(ReadBackend { store, queries })
         }
         Some(_) => Err(BackendError::Unsupported(
@@ -112,4 +125,27 @@ pub async fn open_read_backend(config: &Config) -> Result<ReadBackend, BackendEr
 /// The read store alone, for commands that do not answer queries.
 pub async fn open_read_store(config: &Config) -> Result<Arc<dyn ReadStore>, BackendError> {
     Ok(open_read_backend(config).await?.store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    /// A standby for the queries only exists beside a PostgreSQL read
+    /// store: with the SQLite files it is refused by name, not ignored.
+    #[tokio::test]
+    async fn a_query_url_without_a_postgres_read_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        config.read_store.query_url = Some(Secret::new("postgres://standby/db"));
+        let Err(e) = open_read_backend(&config).await else {
+            panic!("opened");
+        };
+        assert!(e.to_string().contains("read_store.query_url"), "{e}");
+        assert!(!dir.path().join("readmodels").exists(), "nothing created");
+    }
 }

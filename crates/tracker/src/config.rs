@@ -161,6 +161,10 @@ pub struct ReadStoreConfig {
     /// Unset: SQLite files in `data_dir/readmodels`. `postgres://...`: PostgreSQL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<Secret>,
+    /// PostgreSQL only: where the query API reads, e.g. a hot standby of
+    /// `url` (it only reads). Unset: `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_url: Option<Secret>,
 }
 
 /// What a projector does with an event it cannot apply.
@@ -482,6 +486,7 @@ mod tests {
             jail.set_env("TRACKER_DATA_DIR", "/srv/tracker");
             jail.set_env("TRACKER_EVENT_STORE_URL", "esdb://es:2113?tls=false");
             jail.set_env("TRACKER_READ_STORE_URL", "postgres://db/tracker");
+            jail.set_env("TRACKER_READ_STORE_QUERY_URL", "postgres://standby/tracker");
             jail.set_env("TRACKER_PROJECTOR_ON_ERROR", "stop");
             jail.set_env("TRACKER_DELIVERY_LOG_RETENTION_DAYS", "0");
             let overrides = Overrides {
@@ -500,6 +505,10 @@ mod tests {
             assert_eq!(
                 c.read_store.url.as_ref().map(Secret::expose),
                 Some("postgres://db/tracker")
+            );
+            assert_eq!(
+                c.read_store.query_url.as_ref().map(Secret::expose),
+                Some("postgres://standby/tracker")
             );
             assert_eq!(c.projector.on_error, OnErrorSetting::Stop);
             assert_eq!(c.projector.batch_size, 20_000);

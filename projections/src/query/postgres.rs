@@ -81,7 +81,7 @@ impl PgQueries {
     /// `max_connections` connections.
     pub async fn connect(url: &str, max_connections: usize) -> Result<Self, QueryError> {
         let mut config = tokio_postgres::Config::from_str(url)
-            .map_err(|e| storage(format!("read_store.url is not a PostgreSQL URL: {e}")))?;
+            .map_err(|e| storage(format!("not a PostgreSQL URL: {e}")))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
