@@ -164,7 +164,15 @@ async fn a_halted_projection_is_shown_and_deliveries_go_on() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["position"], 4, "{body}");
-    app.stop().await;
+    // And `serve` ends with the error (a non-zero exit), not as if all
+    // had gone well.
+    let mut app = app;
+    let stopped = app.running.take().unwrap().stop(true).await;
+    let e = stopped.unwrap_err().to_string();
+    assert!(
+        e.starts_with("a projection stopped with an error: projection "),
+        "{e}"
+    );
 }
 
 async fn metrics_text(app: &TestApp) -> String {

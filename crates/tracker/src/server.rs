@@ -96,25 +96,34 @@ impl std::fmt::Debug for Running {
 impl Running {
     /// Waits until the server stops (a signal, or [`stop`](Self::stop)), then
     /// closes the stores: nothing acknowledged is lost, because every answer
-    /// was sent after its event was durable.
+    /// was sent after its event was durable. Everything is closed whatever
+    /// fails; the first failure (the server's, a projection that halted or
+    /// failed, a store that did not close cleanly) is the result, so that
+    /// `tracker serve` exits non-zero.
     pub async fn wait(self) -> std::io::Result<()> {
-        let served = match self.server.await {
+        let mut result = match self.server.await {
             Ok(r) => r,
             Err(e) => Err(std::io::Error::other(e)),
+        };
+        let mut failed = |what: &str, e: &dyn std::fmt::Display| {
+            tracing::error!(error = %e, "{what}");
+            if result.is_ok() {
+                result = Err(std::io::Error::other(format!("{what}: {e}")));
+            }
         };
         if let Some(projector) = self.projector
             && let Err(e) = projector.stop().await
         {
-            tracing::error!(error = %e, "projection stopped with an error");
+            failed("a projection stopped with an error", &e);
         }
         if let Err(e) = self.state.deliveries.close().await {
-            tracing::error!(error = %e, "closing the delivery log");
+            failed("closing the delivery log", &e);
         }
         if let Err(e) = self.backend.close().await {
-            tracing::error!(error = %e, "closing the event store");
+            failed("closing the event store", &e);
         }
         tracing::info!("stopped");
-        served
+        result
     }
 
     /// Stops accepting, finishes in-flight requests (when `graceful`), then
