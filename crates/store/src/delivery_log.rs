@@ -89,9 +89,9 @@ pub struct DeliveryFilter {
     pub limit: Option<usize>,
 }
 
-/// Records removed per statement when pruning, one statement between two
-/// batches of the writer, so that pruning a long backlog never holds up the
-/// records of calls being answered.
+/// Records removed per statement when pruning: the writer removes a chunk
+/// between two batches of records, and goes on while nothing waits, so
+/// that pruning a long backlog never holds up the calls being answered.
 const PRUNE_CHUNK: usize = 1_000;
 /// How often a log with a retention looks for records past it.
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -110,11 +110,15 @@ struct Inner {
     writer: sql::WriterThread,
     stopped_cleanly: Arc<AtomicBool>,
     readers: Arc<ReadPool>,
+    /// Dropped with the handle: stops the thread that asks for pruning.
+    _prune_ticker: Option<std::sync::mpsc::Sender<()>>,
 }
 
 enum Request {
     Record(Box<DeliveryRecord>),
     Flush(oneshot::Sender<Result<(), StoreError>>),
+    /// Time to look for records past the retention.
+    Prune,
 }
 
 impl DeliveryLog {
@@ -126,8 +130,8 @@ impl DeliveryLog {
 
     /// [`open`](Self::open), removing records received more than `keep`
     /// ago (`None`: kept for ever). The writer looks for them when it
-    /// starts and then hourly, as records arrive, and removes at most
-    /// a thousand between two of its batches.
+    /// starts and then hourly, whether or not calls arrive, a thousand at
+    /// a time between two of its batches.
     pub fn open_with(
         path: impl AsRef<Path>,
         keep: Option<chrono::Duration>,
@@ -152,6 +156,7 @@ impl DeliveryLog {
             next_prune: std::time::Instant::now(),
         };
         let thread = sql::WriterThread::spawn("delivery-log-writer", move || writer.run(rx))?;
+        let prune_ticker = keep.map(|_| prune_ticker(&tx)).transpose()?;
         Ok(Self {
             inner: Arc::new(Inner {
                 readers: Arc::new(ReadPool::new(path.clone(), 2)),
@@ -159,6 +164,7 @@ impl DeliveryLog {
                 requests: Mutex::new(Some(tx)),
                 writer: thread,
                 stopped_cleanly,
+                _prune_ticker: prune_ticker,
             }),
         })
     }
@@ -235,6 +241,36 @@ impl DeliveryLog {
             .await
             .map_err(|_| self.inner.writer_gone())
     }
+}
+
+/// A thread that asks the writer to prune at once and then every
+/// [`PRUNE_EVERY`], so that records past the retention go even while no
+/// call arrives. It holds the queue only while it sends, and ends when the
+/// returned sender is dropped or the log is closed.
+fn prune_ticker(
+    requests: &mpsc::Sender<Request>,
+) -> Result<std::sync::mpsc::Sender<()>, StoreError> {
+    let requests = requests.downgrade();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("delivery-log-prune".into())
+        .spawn(move || {
+            loop {
+                let Some(sender) = requests.upgrade() else {
+                    return;
+                };
+                if sender.blocking_send(Request::Prune).is_err() {
+                    return;
+                }
+                drop(sender);
+                match stopped.recv_timeout(PRUNE_EVERY) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+            }
+        })
+        .map_err(|err| StoreError::Storage(format!("cannot start the pruning thread: {err}")))?;
+    Ok(stop)
 }
 
 impl Inner {
@@ -324,10 +360,15 @@ impl Writer {
         while let Some(first) = requests.blocking_recv() {
             let mut next = Some(first);
             let mut taken = 0;
+            let mut prune = false;
             while let Some(request) = next {
                 match request {
                     Request::Record(record) => records.push(record),
                     Request::Flush(reply) => flushes.push(reply),
+                    Request::Prune => {
+                        self.next_prune = std::time::Instant::now();
+                        prune = true;
+                    }
                 }
                 taken += 1;
                 next = if taken < MAX_BATCH {
@@ -339,8 +380,10 @@ impl Writer {
             if !records.is_empty() {
                 self.write(&records);
                 records.clear();
+                prune = true;
             }
-            self.prune_if_due();
+            // A chunk after a batch; more while nothing is waiting.
+            while prune && self.prune_if_due() && requests.is_empty() {}
             if !flushes.is_empty() {
                 let result = match self.failed.take() {
                     None => Ok(()),
@@ -359,36 +402,48 @@ impl Writer {
         self.stopped_cleanly.store(true, Ordering::Release);
     }
 
-    /// Writes `records` in one transaction. If that fails, each is tried
-    /// in a transaction of its own, so that one record that cannot be
-    /// written costs only itself, not the calls batched with it.
+    /// Writes `records` in one transaction. A record with a value SQLite
+    /// cannot hold (a position past its integers) is left out and reported
+    /// alone, so that it costs only itself; a failure of the transaction
+    /// (the file busy, an I/O error) is the whole batch's.
     fn write(&mut self, records: &[Box<DeliveryRecord>]) {
-        let Err(err) = self.insert(records) else {
-            return;
-        };
-        if records.len() == 1 {
-            return self.lost(1, err);
-        }
-        tracing::warn!(error = %err, records = records.len(), "delivery log batch failed; writing its records one by one");
+        let mut rows = Vec::with_capacity(records.len());
         for record in records {
-            if let Err(err) = self.insert(std::slice::from_ref(record)) {
-                self.lost(1, err);
+            match record
+                .position
+                .map(|p| sql::to_i64(p, "position"))
+                .transpose()
+            {
+                Ok(position) => rows.push((&**record, position)),
+                Err(err) => self.lost(1, err),
             }
+        }
+        if rows.is_empty() {
+            return;
+        }
+        if let Err(err) = self.insert(&rows) {
+            self.lost(rows.len(), err);
         }
     }
 
     /// Removes up to [`PRUNE_CHUNK`] records past the retention, if it is
-    /// time to look; a full chunk means more may be left, so the writer
-    /// looks again after its next batch.
-    fn prune_if_due(&mut self) {
+    /// time to look. True when a full chunk went, so more may be left: the
+    /// writer then looks again after its next batch (or at once, when
+    /// nothing waits).
+    fn prune_if_due(&mut self) -> bool {
         let Some(keep) = self.keep else {
-            return;
+            return false;
         };
         let now = std::time::Instant::now();
         if now < self.next_prune {
-            return;
+            return false;
         }
-        let cutoff = sql::format_time(&(Utc::now() - keep));
+        // A retention reaching before chrono's first date keeps everything.
+        let Some(cutoff) = Utc::now().checked_sub_signed(keep) else {
+            self.next_prune = now + PRUNE_EVERY;
+            return false;
+        };
+        let cutoff = sql::format_time(&cutoff);
         let removed = self
             .conn
             .prepare_cached(
@@ -396,14 +451,12 @@ impl Writer {
                  WHERE received_at < ?1 ORDER BY received_at LIMIT ?2)",
             )
             .and_then(|mut stmt| stmt.execute(params![cutoff, PRUNE_CHUNK as i64]));
-        self.next_prune = match removed {
-            Ok(n) if n == PRUNE_CHUNK => now,
-            Ok(_) => now + PRUNE_EVERY,
-            Err(err) => {
-                tracing::warn!(error = %err, "delivery log: cannot remove records past the retention");
-                now + PRUNE_EVERY
-            }
-        };
+        let full = matches!(removed, Ok(n) if n == PRUNE_CHUNK);
+        if let Err(err) = &removed {
+            tracing::warn!(error = %err, "delivery log: cannot remove records past the retention");
+        }
+        self.next_prune = if full { now } else { now + PRUNE_EVERY };
+        full
     }
 
     fn lost(&mut self, records: usize, err: StoreError) {
@@ -412,7 +465,7 @@ impl Writer {
         self.failed = Some((lost, err));
     }
 
-    fn insert(&mut self, records: &[Box<DeliveryRecord>]) -> Result<(), StoreError> {
+    fn insert(&mut self, rows: &[(&DeliveryRecord, Option<i64>)]) -> Result<(), StoreError> {
         let tx = sql::begin_immediate(&mut self.conn)?;
         {
             let mut stmt = tx.prepare_cached(
@@ -420,11 +473,7 @@ impl Writer {
                  reason, message, event_id, position, body, body_truncated) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?;
-            for record in records {
-                let position = record
-                    .position
-                    .map(|p| sql::to_i64(p, "position"))
-                    .transpose()?;
+            for &(record, position) in rows {
                 stmt.execute(params![
                     sql::format_time(&record.received_at),
                     record.request_id,
@@ -485,17 +534,7 @@ mod tests {
     /// is reported and lost alone; the records batched with it are kept.
     #[test]
     fn a_bad_record_costs_only_itself() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("deliveries.sqlite");
-        let conn =
-            sql::open_writer(&path, Durability::Normal, sql::BUSY_TIMEOUT, MIGRATIONS).unwrap();
-        let mut writer = Writer {
-            conn,
-            failed: None,
-            stopped_cleanly: Arc::default(),
-            keep: None,
-            next_prune: std::time::Instant::now(),
-        };
+        let (_dir, mut writer) = test_writer(None);
         let mut bad = record(2, 202, None);
         bad.position = Some(u64::MAX);
         let batch: Vec<Box<DeliveryRecord>> = [record(1, 202, None), bad, record(3, 401, None)]
@@ -517,44 +556,92 @@ mod tests {
         assert_eq!(kept, ["req-1", "req-3"]);
     }
 
-    /// With a retention, records received before it are removed as the
-    /// log is written, a chunk between two batches, until none is left;
-    /// without one, none is.
-    #[tokio::test]
-    async fn records_past_the_retention_are_removed() {
+    fn test_writer(keep: Option<chrono::Duration>) -> (tempfile::TempDir, Writer) {
         let dir = tempfile::tempdir().unwrap();
-        let old = PRUNE_CHUNK as i64 + 500;
-        let at = |days: i64, i: i64| {
-            let mut r = record(i, 401, None);
-            r.received_at = Utc::now() - chrono::Duration::days(days);
-            r
+        let path = dir.path().join("deliveries.sqlite");
+        let conn =
+            sql::open_writer(&path, Durability::Normal, sql::BUSY_TIMEOUT, MIGRATIONS).unwrap();
+        let writer = Writer {
+            conn,
+            failed: None,
+            stopped_cleanly: Arc::default(),
+            keep,
+            next_prune: std::time::Instant::now(),
         };
+        (dir, writer)
+    }
+
+    fn aged(days: i64, i: i64) -> Box<DeliveryRecord> {
+        let mut r = record(i, 401, None);
+        r.received_at = Utc::now() - chrono::Duration::days(days);
+        Box::new(r)
+    }
+
+    fn count(writer: &Writer) -> i64 {
+        writer
+            .conn
+            .query_row("SELECT count(*) FROM deliveries", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Past the retention, a chunk goes per look; a full chunk makes the
+    /// next look due at once, a partial one an hour later.
+    #[test]
+    fn pruning_removes_a_chunk_at_a_time_then_waits_an_hour() {
+        let (_dir, mut writer) = test_writer(Some(chrono::Duration::days(30)));
+        let old = PRUNE_CHUNK as i64 + 500;
+        let mut batch: Vec<_> = (0..old).map(|i| aged(31, i)).collect();
+        batch.push(aged(29, old));
+        writer.write(&batch);
+        assert!(writer.prune_if_due(), "a full chunk");
+        assert_eq!(count(&writer), 501);
+        assert!(!writer.prune_if_due(), "the rest");
+        assert_eq!(count(&writer), 1);
+        writer.write(&[aged(40, old + 1)]);
+        assert!(!writer.prune_if_due(), "not due for an hour");
+        assert_eq!(count(&writer), 2);
+    }
+
+    /// A retention too long for chrono's calendar keeps everything rather
+    /// than ending the writer.
+    #[test]
+    fn a_retention_past_the_calendar_keeps_everything() {
+        let (_dir, mut writer) = test_writer(Some(chrono::Duration::days(i64::from(u32::MAX))));
+        writer.write(&[aged(31, 1)]);
+        assert!(!writer.prune_if_due());
+        assert_eq!(count(&writer), 1);
+    }
+
+    /// Opened with a retention, the log removes what is past it without
+    /// waiting for a call; without one it keeps everything.
+    #[tokio::test]
+    async fn a_log_opened_with_a_retention_prunes_without_calls() {
+        let dir = tempfile::tempdir().unwrap();
         let all = || DeliveryFilter {
             limit: Some(usize::MAX),
             ..DeliveryFilter::default()
         };
-        for keep in [Some(chrono::Duration::days(30)), None] {
+        let old = PRUNE_CHUNK as i64 + 500;
+        for keep in [None, Some(chrono::Duration::days(30))] {
             let path = dir.path().join(format!("{keep:?}.sqlite"));
             let log = DeliveryLog::open(&path).unwrap();
             for i in 0..old {
-                log.record(at(31, i)).await.unwrap();
+                log.record(*aged(31, i)).await.unwrap();
             }
-            log.record(at(29, old)).await.unwrap();
+            log.record(*aged(29, old)).await.unwrap();
             log.close().await.unwrap();
 
             let log = DeliveryLog::open_with(&path, keep).unwrap();
-            let mut counts = Vec::new();
-            for i in 1..=3 {
-                log.record(at(0, old + i)).await.unwrap();
-                log.flush().await.unwrap();
-                counts.push(log.list(all()).await.unwrap().len() as i64);
+            log.flush().await.unwrap();
+            let left = if keep.is_some() { 1 } else { old as usize + 1 };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while log.list(all()).await.unwrap().len() != left {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "keep {keep:?}: not pruned"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            let expected = if keep.is_some() {
-                [old + 2 - PRUNE_CHUNK as i64, 3, 4]
-            } else {
-                [old + 2, old + 3, old + 4]
-            };
-            assert_eq!(counts, expected, "keep {keep:?}");
             log.close().await.unwrap();
         }
     }
