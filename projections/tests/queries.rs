@@ -197,6 +197,28 @@ where
     panic!("{what}: the walk does not end");
 }
 
+/// Queries opened on a database with no read models yet (a standby that
+/// has not replayed the primary's schema) answer an error, not a wrong
+/// answer, and the right answers once the schema and rows are there,
+/// without reconnecting.
+#[tokio::test]
+async fn queries_opened_before_the_read_models_exist_answer_once_they_do() {
+    let db = TestDb::create().await;
+    let pg = PgQueries::connect(&db.url, 2).await.unwrap();
+    let early = pg.summary(INSTITUTIONS[0]).await;
+    let Err(e) = early else {
+        panic!("an answer without read models: {early:?}");
+    };
+    assert!(e.to_string().contains("no current generation yet"), "{e}");
+
+    let events = generate(60);
+    let store = PgReadStore::connect(&db.url).await.unwrap();
+    apply(&store, &events).await;
+    let summary = pg.summary(INSTITUTIONS[0]).await.unwrap();
+    assert!(summary.value.is_some());
+    assert_eq!(summary.consistent_through, events.last().unwrap().position);
+}
+
 #[tokio::test]
 async fn both_backends_answer_every_query_the_same() {
     let events = generate(600);

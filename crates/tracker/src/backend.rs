@@ -82,6 +82,9 @@ pub struct ReadBackend {
     pub queries: Arc<dyn ReadModelQueries>,
 }
 
+const READ_STORE_URL: &str =
+    "read_store.url: expected postgres://..., or leave it unset for SQLite in data_dir";
+
 /// Connections of the PostgreSQL query pool (its own, apart from the
 /// projector's, so queries never queue behind projection batches).
 pub const QUERY_POOL_SIZE: usize = 8;
@@ -99,32 +102,37 @@ pub async fn open_read_backend(config: &Config) -> Result<ReadBackend, BackendEr
         .as_ref()
         .map(|u| u.expose())
         .filter(|u| !u.is_empty());
-    match config.read_store.url.as_ref().map(|u| u.expose()) {
-        None | Some("") if query_url.is_some() => Err(BackendError::Unsupported(
+    let url = config
+        .read_store
+        .url
+        .as_ref()
+        .map(|u| u.expose())
+        .filter(|u| !u.is_empty());
+    if url.is_none() && query_url.is_some() {
+        return Err(BackendError::Unsupported(
             "read_store.query_url: only with a PostgreSQL read_store.url".into(),
-        )),
-        None | Some("") => {
-            let dir = config.data_dir.join("readmodels");
-            let store = Arc::new(SqliteReadStore::open(&dir)?);
-            let queries = Arc::new(SqliteQueries::open(&dir)?);
-            Ok(ReadBackend { store, queries })
-        }
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            let store = Arc::new(PgReadStore::connect(url).await?);
-            let queries =
-                Arc::new(PgQueries::connect(query_url.unwrap_or(url), QUERY_POOL_SIZE).await?);
-            Ok(ReadBackend { store, queries })
-        }
-        Some(_) => Err(BackendError::Unsupported(
-            "read_store.url: expected postgres://..., or leave it unset for SQLite in data_dir"
-                .into(),
-        )),
+        ));
     }
+    let store = open_read_store(config).await?;
+    let queries: Arc<dyn ReadModelQueries> = match url {
+        None => Arc::new(SqliteQueries::open(config.data_dir.join("readmodels"))?),
+        Some(url) => Arc::new(PgQueries::connect(query_url.unwrap_or(url), QUERY_POOL_SIZE).await?),
+    };
+    Ok(ReadBackend { store, queries })
 }
 
-/// The read store alone, for commands that do not answer queries.
+/// The read store alone, for commands that do not answer queries: they
+/// neither open a query pool nor need `read_store.query_url`'s standby.
 pub async fn open_read_store(config: &Config) -> Result<Arc<dyn ReadStore>, BackendError> {
-    Ok(open_read_backend(config).await?.store)
+    match config.read_store.url.as_ref().map(|u| u.expose()) {
+        None | Some("") => Ok(Arc::new(SqliteReadStore::open(
+            config.data_dir.join("readmodels"),
+        )?)),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Arc::new(PgReadStore::connect(url).await?))
+        }
+        Some(_) => Err(BackendError::Unsupported(READ_STORE_URL.into())),
+    }
 }
 
 #[cfg(test)]

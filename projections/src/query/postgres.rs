@@ -106,7 +106,11 @@ impl PgQueries {
             pool,
             generation: Arc::new(Mutex::new(String::new())),
         };
-        queries.refresh_generation().await?;
+        // A standby (`read_store.query_url`) may not have replayed the
+        // primary's schema yet: then the first query looks again.
+        if !queries.refresh_generation().await? {
+            tracing::warn!("the read store has no current generation yet; queries will look again");
+        }
         Ok(queries)
     }
 
@@ -134,21 +138,43 @@ impl PgQueries {
             .map_err(|e| storage(format!("PostgreSQL connection: {e}")))
     }
 
-    async fn refresh_generation(&self) -> Result<(), QueryError> {
+    /// Reads which generation is current; false when there is none yet
+    /// (no control schema, or no row in it).
+    async fn refresh_generation(&self) -> Result<bool, QueryError> {
         let client = self.client().await?;
-        let row = client
+        let row = match client
             .query_opt(
                 "SELECT name FROM tracker_control.current_generation WHERE id = 1",
                 &[],
             )
             .await
-            .map_err(pg("reading the current generation"))?;
+        {
+            Ok(row) => row,
+            Err(e)
+                if e.code().is_some_and(|c| {
+                    *c == SqlState::UNDEFINED_TABLE || *c == SqlState::INVALID_SCHEMA_NAME
+                }) =>
+            {
+                None
+            }
+            Err(e) => return Err(pg("reading the current generation")(e)),
+        };
+        let Some(row) = row else {
+            return Ok(false);
+        };
         let name: String = row
-            .ok_or_else(|| storage("the read store has no current generation yet"))?
             .try_get(0)
             .map_err(pg("reading the current generation"))?;
         schema_of(&name)?;
         self.set_generation(&name);
+        Ok(true)
+    }
+
+    /// The current generation is known, or an error saying there is none.
+    async fn know_generation(&self) -> Result<(), QueryError> {
+        if self.generation().is_empty() && !self.refresh_generation().await? {
+            return Err(storage("the read store has no current generation yet"));
+        }
         Ok(())
     }
 
@@ -159,11 +185,14 @@ impl PgQueries {
         T: Send,
         F: for<'t, 'c> Fn(&'t Transaction<'c>, &'t str) -> TxFuture<'t, T> + Send + Sync,
     {
+        self.know_generation().await?;
         match self.attempt(&f).await {
             Ok(v) => Ok(v),
             Err(Failure::Other(e)) => Err(e),
             Err(Failure::SchemaGone) => {
-                self.refresh_generation().await?;
+                if !self.refresh_generation().await? {
+                    return Err(storage("the read store has no current generation any more"));
+                }
                 match self.attempt(&f).await {
                     Ok(v) => Ok(v),
                     Err(Failure::Other(e)) => Err(e),
