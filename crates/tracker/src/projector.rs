@@ -191,7 +191,13 @@ impl Projector {
                 Ok(Err(e)) => {
                     first_error.get_or_insert(e);
                 }
-                Err(e) => tracing::error!(%key, error = %e, "projection task failed"),
+                Err(e) => {
+                    tracing::error!(%key, error = %e, "projection task failed");
+                    first_error.get_or_insert(RunnerError::Failed {
+                        key,
+                        error: e.to_string(),
+                    });
+                }
             }
         }
         first_error.map_or(Ok(()), Err)
