@@ -13,7 +13,7 @@ use tracker_store::sqlite::SqliteEventStore;
 use tracker_store::{EventStore, StoreError};
 use tracker_store_esdb::{EsdbEventStore, EsdbOptions};
 
-use crate::config::Config;
+use crate::config::{Config, Secret};
 
 /// The backends this build can run.
 #[derive(Debug)]
@@ -96,18 +96,13 @@ pub const QUERY_POOL_SIZE: usize = 8;
 /// checkpoint, read with the rows). The store is opened first: it creates
 /// and migrates what the queries read.
 pub async fn open_read_backend(config: &Config) -> Result<ReadBackend, BackendError> {
-    let query_url = config
-        .read_store
-        .query_url
-        .as_ref()
-        .map(|u| u.expose())
-        .filter(|u| !u.is_empty());
-    let url = config
-        .read_store
-        .url
-        .as_ref()
-        .map(|u| u.expose())
-        .filter(|u| !u.is_empty());
+    fn given(url: &Option<Secret>) -> Option<&str> {
+        url.as_ref().map(Secret::expose).filter(|u| !u.is_empty())
+    }
+    let (url, query_url) = (
+        given(&config.read_store.url),
+        given(&config.read_store.query_url),
+    );
     if url.is_none() && query_url.is_some() {
         return Err(BackendError::Unsupported(
             "read_store.query_url: only with a PostgreSQL read_store.url".into(),
@@ -138,7 +133,6 @@ pub async fn open_read_store(config: &Config) -> Result<Arc<dyn ReadStore>, Back
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Secret;
 
     /// A standby for the queries only exists beside a PostgreSQL read
     /// store: with the SQLite files it is refused by name, not ignored.
