@@ -377,9 +377,6 @@ impl Writer {
                 self.write(&records);
                 records.clear();
             }
-            // When due, a chunk after every batch, and more while nothing
-            // waits: a backlog cut short by a request goes on after it.
-            while self.prune_if_due() && requests.is_empty() {}
             if !flushes.is_empty() {
                 let result = match self.failed.take() {
                     None => Ok(()),
@@ -391,6 +388,9 @@ impl Writer {
                     let _ = reply.send(result.clone());
                 }
             }
+            // When due, a chunk after every batch, and more while nothing
+            // waits: a backlog cut short by a request goes on after it.
+            while self.prune_if_due() && requests.is_empty() {}
         }
         if let Some((lost, err)) = &self.failed {
             tracing::error!(lost, error = %err, "delivery log closed with unwritten records");
